@@ -1,0 +1,151 @@
+"""Typed configuration: frozen dataclasses built once (jobs/, CLI), crossed over Ray as a dict.
+
+`JobConfig.to_dict()` is what travels to the Ray Train workers; `JobConfig.from_dict()` rebuilds
+it on the worker's first line. Dicts are plain JSON, so two configs can be diffed as files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+EVENT_TYPES = ("pv", "cart", "fav", "buy")  # Taobao UserBehavior behaviours; dense codes 1..4, 0 = padding
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where events come from and how they become training sequences."""
+
+    events_uri: str = ""                 # UserBehavior.csv or a Parquet directory; local path or s3://
+    work_dir: str = "runs/data"          # where prepared vocab + sequence shards go (local or s3://)
+    event_types: tuple[str, ...] = EVENT_TYPES
+    min_timestamp: int = 0               # events outside [min_timestamp, max_timestamp) are quarantined
+    max_timestamp: int = 2**62
+    min_item_count: int = 1              # the HRNN paper keeps items/users with 10+ events
+    min_user_count: int = 1
+    session_gap_seconds: int = 1800      # inactivity that starts a new session
+    num_delta_buckets: int = 32          # log2 buckets of the gap to the next event; 0 = padding
+    window_length: int = 32              # T: (input, target) pairs per training window
+    rows_per_shard: int = 100_000        # windows per Parquet shard
+    strict: bool = False                 # first bad row raises instead of being quarantined
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which encoder and its sizes; the item tables are shared by every model."""
+
+    name: str = "hrnn"
+    embedding_dim: int = 128
+    hidden_dim: int = 128
+    num_layers: int = 1
+    dropout: float = 0.0
+    delta_embedding_dim: int = 16        # HRNN: time-delta bucket embedding
+    type_embedding_dim: int = 8          # HRNN: feedback encoding of the input event's type
+    tied_embeddings: bool = False        # output item vectors = input item vectors
+    options: dict[str, Any] = field(default_factory=dict)  # model-specific extras (see models/)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Negatives and the loss over them."""
+
+    loss: str = "sampled_softmax"        # full_softmax | sampled_softmax | bpr_max | bce
+    num_negatives: int = 2048            # K shared negatives per batch
+    alpha: float = 0.75                  # q ∝ count^alpha; 0 = uniform
+    in_batch_negatives: bool = False
+    event_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"buy": 1.0, "pv": 0.5}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    bf16: bool = False
+    batch_size: int = 256
+    epochs: int = 1
+    max_steps: int = 0                   # 0 = no limit; otherwise stop after this many optimizer steps
+    dense_lr: float = 1e-3               # Adam on encoder parameters
+    sparse_lr: float = 0.05              # row-wise Adagrad on item tables
+    seed: int = 0
+    sharding: str = "none"               # none | row
+    log_every: int = 50
+    torch_threads: int = 0               # 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Checkpoint and artifact storage; credentials are never logged."""
+
+    uri: str = "runs"                    # local path or s3://bucket/prefix
+    keep_last: int = 3
+    endpoint_url: str = ""
+    region: str = ""
+    key: str = field(default="", repr=False)
+    secret: str = field(default="", repr=False)
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs keyword arguments for this storage."""
+        options: dict[str, Any] = {}
+        if self.key:
+            options.update(key=self.key, secret=self.secret)
+        client = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            options["client_kwargs"] = client
+        return options
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run_name: str = "taobao_hrnn"
+
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if redact:
+            out["storage"]["key"] = out["storage"]["secret"] = "***" if self.storage.key else ""
+        return out
+
+    def to_json(self) -> str:
+        """Redacted, sorted JSON: safe to log and to diff."""
+        return json.dumps(self.to_dict(redact=True), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "JobConfig":
+        parts = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name not in parts:
+                raise ValueError(f"JobConfig: unknown field {name!r}")
+            sub = _SECTIONS.get(name)
+            kwargs[name] = _build(sub, value) if sub else value
+        return cls(**kwargs)
+
+    def replace(self, **sections: Any) -> "JobConfig":
+        """Copy with whole sections or per-section overrides: replace(train={"epochs": 2})."""
+        updates = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            updates[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
+        return dataclasses.replace(self, **updates)
+
+
+def _build(cls: type, value: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    # JSON turns tuples into lists; frozen dataclasses want them back as tuples.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "sampler": SamplerConfig,
+             "train": TrainConfig, "storage": StorageConfig}

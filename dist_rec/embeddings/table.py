@@ -1,0 +1,92 @@
+"""ItemTables: the per-item state every model shares, on one device.
+
+Rows are dense item ids; row 0 is padding (never scored, never sampled). Three tables:
+input vectors (N+1, E) read by the encoder, output vectors (N+1, D) and a bias (N+1,) read by the
+scorer and the loss. They are `nn.Embedding(sparse=True)` so a step produces sparse row gradients
+that a row-wise optimizer applies to the touched rows only. `embeddings/sharded.py` offers the same
+interface with rows split across ranks; models cannot tell them apart.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ItemTables(nn.Module):
+    def __init__(self, num_items: int, embedding_dim: int, output_dim: int, tied: bool = False):
+        super().__init__()
+        if tied and embedding_dim != output_dim:
+            raise ValueError(f"tied item tables need embedding_dim == output_dim, "
+                             f"got {embedding_dim} and {output_dim}")
+        self.num_items = num_items
+        self.tied = tied
+        rows = num_items + 1
+        self.input = nn.Embedding(rows, embedding_dim, padding_idx=0, sparse=True)
+        nn.init.normal_(self.input.weight, std=embedding_dim ** -0.5)
+        with torch.no_grad():
+            self.input.weight[0].zero_()
+        self.output = None if tied else nn.Embedding(rows, output_dim, sparse=True)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=output_dim ** -0.5)
+        self.bias = nn.Embedding(rows, 1, sparse=True)
+        nn.init.zeros_(self.bias.weight)
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) int64 -> input vectors (..., E); padding rows are zero."""
+        return self.input(items)
+
+    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...) -> (output vectors (..., D), bias (...))."""
+        weight = self.input if self.output is None else self.output
+        return weight(items), self.bias(items).squeeze(-1)
+
+    def output_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole output table (N+1, D) and bias (N+1,), for full softmax and evaluation."""
+        weight = self.input if self.output is None else self.output
+        return weight.weight, self.bias.weight.squeeze(-1)
+
+    @torch.no_grad()
+    def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
+             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-catalog top-k without materialising (N, catalog) scores.
+
+        hidden (N, D) -> (scores (N, k), item ids (N, k)), best first. `exclude` (N, M) item ids
+        (0 = none) are pushed to -inf, e.g. items already seen.
+        """
+        weight, bias = self.output_weight()
+        best_scores = hidden.new_full((hidden.shape[0], k), float("-inf"))
+        best_items = torch.zeros(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
+        for start in range(1, self.num_items + 1, chunk_rows):
+            stop = min(start + chunk_rows, self.num_items + 1)
+            scores = torch.addmm(bias[start:stop], hidden, weight[start:stop].t())
+            if exclude is not None:
+                local = exclude - start
+                valid = (exclude > 0) & (local >= 0) & (local < stop - start)
+                rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(exclude)
+                scores[rows[valid], local[valid]] = float("-inf")
+            ids = torch.arange(start, stop, device=hidden.device).expand(hidden.shape[0], -1)
+            merged_scores = torch.cat([best_scores, scores], dim=1)
+            merged_items = torch.cat([best_items, ids], dim=1)
+            best_scores, index = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_items = merged_items.gather(1, index)
+        return best_scores, best_items
+
+    @torch.no_grad()
+    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
+                     chunk_rows: int = 262_144) -> torch.Tensor:
+        """0-based rank of each target over the full catalog; ties count against the target.
+
+        hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
+        """
+        weight, bias = self.output_weight()
+        target_scores = (hidden * weight[targets]).sum(-1) + bias[targets]
+        ranks = torch.zeros_like(targets)
+        for start in range(1, self.num_items + 1, chunk_rows):
+            stop = min(start + chunk_rows, self.num_items + 1)
+            scores = torch.addmm(bias[start:stop], hidden, weight[start:stop].t())
+            # The target's own column must compare equal to itself; matmul kernels may round it
+            # differently from the row-wise product above, so write the reference score in.
+            inside = (targets >= start) & (targets < stop)
+            scores[inside.nonzero().squeeze(1), targets[inside] - start] = target_scores[inside]
+            ranks += (scores >= target_scores.unsqueeze(1)).sum(1)
+        return ranks - 1  # minus the target itself

@@ -1,0 +1,79 @@
+"""The one model interface: an encoder maps a SequenceBatch to hidden states.
+
+    hidden = encoder(batch, item_vectors)      # item_vectors (B, T, E) -> hidden (B, T, D)
+
+The encoder never owns item tables: `NextItemModel` looks up `item_vectors` in the shared
+`ItemTables` (single device or row-sharded), and scoring, sampling and the loss happen outside
+(losses.py, evaluation/). That is what lets every model train with every loss and every sharding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dist_rec.batch import SequenceBatch
+from dist_rec.config import ModelConfig
+from dist_rec.embeddings.table import ItemTables
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    """Sizes that come from the data, not from the model config."""
+
+    num_items: int
+    num_users: int
+    num_delta_buckets: int
+    num_event_types: int          # codes 1..num_event_types; 0 = padding
+
+
+EncoderFactory = Callable[[ModelConfig, Dimensions], nn.Module]
+_REGISTRY: dict[str, EncoderFactory] = {}
+
+
+def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
+    """Class decorator: make an encoder buildable by name from its ModelConfig."""
+    def wrap(factory: EncoderFactory) -> EncoderFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def registered_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class NextItemModel(nn.Module):
+    """Item tables + encoder. `hidden(batch)` (B, T, D) is all a loss or an evaluator needs."""
+
+    def __init__(self, tables: nn.Module, encoder: nn.Module):
+        super().__init__()
+        self.tables = tables
+        self.encoder = encoder
+
+    def hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.encoder(batch, self.tables.embed(batch.items))
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Encoder parameters: trained by a dense optimizer under DDP."""
+        return list(self.encoder.parameters())
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Item table parameters: sparse gradients, row-wise optimizer, possibly sharded."""
+        return list(self.tables.parameters())
+
+
+def build_model(config: ModelConfig, dims: Dimensions) -> NextItemModel:
+    """Build the encoder named by `config.name` and single-device item tables for it."""
+    import dist_rec.models  # noqa: F401  (importing the package registers every model)
+
+    if config.name not in _REGISTRY:
+        raise ValueError(f"unknown model {config.name!r}; known: {registered_models()}")
+    encoder = _REGISTRY[config.name](config, dims)
+    tables = ItemTables(dims.num_items, config.embedding_dim, config.hidden_dim,
+                        tied=config.tied_embeddings)
+    return NextItemModel(tables, encoder)
