@@ -1,0 +1,18 @@
+"""Shared fixtures: a local Ray cluster on 127.0.0.1 started (and stopped) by the tests."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 2-CPU local Ray instance for the whole session (started once: it takes ~10 s)."""
+    import ray
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    yield ray
+    ray.shutdown()
