@@ -64,10 +64,12 @@ class ItemTables(nn.Module):
                 valid = (exclude > 0) & (local >= 0) & (local < stop - start)
                 rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(exclude)
                 scores[rows[valid], local[valid]] = float("-inf")
-            ids = torch.arange(start, stop, device=hidden.device).expand(hidden.shape[0], -1)
-            merged_scores = torch.cat([best_scores, scores], dim=1)
-            merged_items = torch.cat([best_items, ids], dim=1)
-            best_scores, index = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            # Top-k of the chunk first, then merge with the running best: merging whole chunks
+            # cost twice the matmul itself.
+            chunk_scores, chunk_index = scores.topk(min(k, stop - start), dim=1)
+            merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
+            merged_items = torch.cat([best_items, chunk_index + start], dim=1)
+            best_scores, index = merged_scores.topk(k, dim=1)
             best_items = merged_items.gather(1, index)
         return best_scores, best_items
 

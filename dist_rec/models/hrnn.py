@@ -39,5 +39,11 @@ class HRNN(nn.Module):
             batch.session_starts.unsqueeze(-1).to(item_vectors.dtype),
             self.type_embedding(batch.event_types),
         ], dim=-1)
-        hidden, _ = self.gru(self.dropout(inputs))
-        return self.dropout(hidden)
+        # Batches are left-padded; a GRU reading the padding would drift from its zero state, so
+        # the real steps are rolled to the front, run from h0, and rolled back into place.
+        padding = (batch.items == 0).sum(1, keepdim=True)                       # (B, 1)
+        steps = torch.arange(inputs.shape[1], device=inputs.device)
+        to_front = ((steps + padding) % inputs.shape[1]).unsqueeze(-1)         # (B, T, 1)
+        hidden, _ = self.gru(self.dropout(inputs.gather(1, to_front.expand_as(inputs))))
+        back = ((steps - padding) % inputs.shape[1]).unsqueeze(-1)
+        return self.dropout(hidden.gather(1, back.expand_as(hidden)))

@@ -1,0 +1,451 @@
+"""Evaluation protocols of the papers we compare with, over any `Ranker`, in batches.
+
+A `Ranker` scores the catalog for the LAST position of each row of a left-padded SequenceBatch
+(the prediction for the batch's `now`). `ModelRanker` adapts a NextItemModel; popularity baselines
+implement the same methods. Every protocol is a function that returns a dict of floats, "count"
+being the number of test events (or users) averaged over.
+
+Inputs: sessions are lists of 1-D arrays of dense item ids (0 = padding, stripped), e.g. the rows
+of a left-padded session file. User histories are a `Histories` or a pyarrow Table with list
+columns user / items / timestamps / event_types (the output of data.sequences.build_histories;
+timestamps and event_types may be absent: zeros and type 1 then).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+from dist_rec.batch import SequenceBatch
+from dist_rec.config import DataConfig
+from dist_rec.data.sequences import history_batch
+from dist_rec.evaluation.metrics import multi_target_precision_recall, rank_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Ranker(Protocol):
+    """Scores items for the last position of every row of a batch (B rows, C candidates).
+
+    Optional, for causal scorers: `step_ranks(batch) -> (B, T)` int64, the full-catalog rank of
+    `batch.targets` at every position of `batch.mask` (-1 elsewhere), from one pass.
+    """
+
+    num_items: int  # dense ids 1..num_items
+
+    def topk(self, batch: SequenceBatch, k: int, exclude: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """-> (B, k) int64 item ids, best first; `exclude` (B, M) ids (0 = none) never returned."""
+
+    def target_ranks(self, batch: SequenceBatch, targets: torch.Tensor) -> torch.Tensor:
+        """targets (B,) -> (B,) int64 0-based full-catalog ranks; ties count against the target."""
+
+    def candidate_scores(self, batch: SequenceBatch, candidates: torch.Tensor) -> torch.Tensor:
+        """candidates (B, C) item ids -> (B, C) float scores."""
+
+
+@contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    """eval() and no_grad() for the duration, then the model's own mode back (e.g. training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class ModelRanker:
+    """`Ranker` for a NextItemModel: hidden[:, -1] against the item tables, full catalog."""
+
+    def __init__(self, model: torch.nn.Module, rows_per_call: int = 256):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.num_items = model.tables.num_items
+        self.rows_per_call = rows_per_call  # bounds the (rows, catalog chunk) score buffer
+
+    def _last_hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        return self.model.hidden(batch.to(self.device))[:, -1]            # (B, D)
+
+    def topk(self, batch, k, exclude=None):
+        with _inference(self.model):
+            exclude = None if exclude is None else exclude.to(self.device)
+            return self.model.tables.topk(self._last_hidden(batch), k, exclude=exclude)[1].cpu()
+
+    def target_ranks(self, batch, targets):
+        with _inference(self.model):
+            hidden = self._last_hidden(batch)
+            return self.model.tables.target_ranks(hidden, targets.to(self.device)).cpu()
+
+    def candidate_scores(self, batch, candidates):
+        with _inference(self.model):
+            hidden = self._last_hidden(batch)
+            weight, bias = self.model.tables.output_rows(candidates.to(self.device))
+            # Elementwise product + sum, not bmm: every column is reduced the same way, so a
+            # candidate identical to the target ties with it exactly.
+            return ((weight * hidden.unsqueeze(1)).sum(-1) + bias).cpu()
+
+    def step_ranks(self, batch):
+        with _inference(self.model):
+            batch = batch.to(self.device)
+            mask = batch.mask
+            hidden, targets = self.model.hidden(batch)[mask], batch.targets[mask]  # (N, D), (N,)
+            ranks = torch.full(mask.shape, -1, dtype=torch.int64, device=self.device)
+            ranks[mask] = torch.cat([
+                self.model.tables.target_ranks(hidden[i:i + self.rows_per_call],
+                                               targets[i:i + self.rows_per_call])
+                for i in range(0, len(targets), self.rows_per_call)] or [targets])
+            return ranks.cpu()
+
+
+@dataclass(frozen=True)
+class Histories:
+    """Per-user event arrays in time order; U users, each a 1-D int64 array of n_u events."""
+
+    users: np.ndarray              # (U,) user ids, 0 = unknown
+    items: list[np.ndarray]        # dense item ids >= 1
+    timestamps: list[np.ndarray]   # unix seconds (zeros when the data has none)
+    event_types: list[np.ndarray]  # codes 1..n (ones when the data has none)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @staticmethod
+    def from_items(items: Sequence[np.ndarray], timestamps=None, event_types=None,
+                   users=None) -> "Histories":
+        """Per-user arrays; missing timestamps are 0, missing event types 1, missing users 0."""
+        items = [np.asarray(x, dtype=np.int64) for x in items]
+        fill = lambda given, value: ([np.full(len(x), value, np.int64) for x in items]  # noqa: E731
+                                     if given is None else [np.asarray(x, np.int64) for x in given])
+        users = np.zeros(len(items), np.int64) if users is None else np.asarray(users, np.int64)
+        out = Histories(users, items, fill(timestamps, 0), fill(event_types, 1))
+        for name in ("users", "timestamps", "event_types"):
+            if len(getattr(out, name)) != len(items):
+                raise ValueError(f"histories: {len(items)} rows of items, {name} has another count")
+        for row, (x, t, e) in enumerate(zip(items, out.timestamps, out.event_types)):
+            if len(x) != len(t) or len(x) != len(e):
+                raise ValueError(f"histories: row {row} has {len(x)} items but {len(t)} "
+                                 f"timestamps and {len(e)} event_types")
+            if len(x) and x.min() < 1:
+                raise ValueError(f"histories: row {row} has item id {x.min()} (ids start at 1)")
+        return out
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.items), np.int64, len(self.items))
+
+    def slices(self, rows: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> "Histories":
+        """Users `rows` (R,), each cut to its events [starts[r], stops[r])."""
+        cut = lambda arrays: [arrays[u][a:b] for u, a, b in zip(rows, starts, stops)]  # noqa: E731
+        return Histories(self.users[rows], cut(self.items), cut(self.timestamps),
+                         cut(self.event_types))
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (lengths (R,), flat values) as int64."""
+    column = table.column(name).combine_chunks()
+    if column.null_count:
+        raise ValueError(f"histories table: column {name!r} has null rows")
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return np.diff(offsets).astype(np.int64), values.astype(np.int64)
+
+
+def as_histories(data: Histories | pa.Table | Sequence[np.ndarray]) -> Histories:
+    """A Histories from itself, a table (list columns user/items[/timestamps/event_types]),
+    or a list of item arrays (no timestamps, type 1)."""
+    if isinstance(data, Histories):
+        return data
+    if not isinstance(data, pa.Table):
+        return Histories.from_items(data)
+    for name in ("user", "items"):
+        if name not in data.column_names:
+            raise ValueError(f"histories table: missing column {name!r} (has {data.column_names})")
+    lengths, items = _list_column(data, "items")
+    if len(items) and items.min() < 1:
+        row = np.searchsorted(np.cumsum(lengths), items.argmin(), side="right")
+        raise ValueError(f"histories table: row {row} has item id {items.min()} (ids start at 1)")
+    flat = {"timestamps": np.zeros_like(items), "event_types": np.ones_like(items)}
+    for name in flat:
+        if name in data.column_names:
+            other, flat[name] = _list_column(data, name)
+            if (other != lengths).any():
+                row = np.flatnonzero(other != lengths)[0]
+                raise ValueError(f"histories table: row {row} has {lengths[row]} items but "
+                                 f"{other[row]} {name}")
+    # Slicing by offsets: np.split is ~50x slower on a million users.
+    ends = np.cumsum(lengths)
+    split = lambda values: [values[a:b] for a, b in zip(ends - lengths, ends)]  # noqa: E731
+    return Histories(data.column("user").to_numpy(zero_copy_only=False).astype(np.int64),
+                     split(items), split(flat["timestamps"]), split(flat["event_types"]))
+
+
+def _sorted_by_time(h: Histories) -> Histories:
+    """Stable sort of each user's events by timestamp (equal times keep their order)."""
+    order = [np.argsort(t, kind="stable") for t in h.timestamps]
+    take = lambda arrays: [a[o] for a, o in zip(arrays, order)]  # noqa: E731
+    return Histories(h.users, take(h.items), take(h.timestamps), take(h.event_types))
+
+
+def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) -> np.ndarray:
+    """`count` of `rows` uniformly without replacement (all when fewer or count is None), sorted."""
+    if count is None or len(rows) <= count:
+        return rows
+    return np.sort(rng.choice(rows, count, replace=False))
+
+
+def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_config: DataConfig,
+             batch_size: int, progress: bool, desc: str
+             ) -> Iterator[tuple[slice, SequenceBatch]]:
+    """(rows, batch) over `inputs`: each user's last `max_length` events (None: all),
+    right-aligned; now (U,) is the prediction time of each row's last position."""
+    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress):
+        rows = slice(start, start + batch_size)
+        width = max(map(len, inputs.items[rows]))
+        width = width if max_length is None else min(width, max_length)
+        # Whole histories go in: history_batch keeps the last `width` events itself and sees
+        # the predecessor of the first kept one (its session-start bit).
+        yield rows, history_batch(inputs.items[rows], inputs.timestamps[rows],
+                                  inputs.event_types[rows], now[rows], data_config, width,
+                                  users=inputs.users[rows])
+
+
+def _sessions(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Sessions with padding zeros removed and fewer than 2 items dropped."""
+    out = [s[s > 0] for s in map(lambda s: np.asarray(s, np.int64), sessions)]
+    kept = [s for s in out if len(s) >= 2]
+    if not kept:
+        raise ValueError("sessions: none has 2+ items")
+    if len(kept) < len(out):
+        log.info("%d sessions with fewer than 2 items skipped", len(out) - len(kept))
+    return kept
+
+
+def _ranks_of_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max_length,
+                      data_config, batch_size, progress, desc) -> torch.Tensor:
+    now = np.zeros(len(inputs), np.int64)  # sessions carry no time: every delta is bucket(0)
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    return torch.cat([ranker.target_ranks(batch, targets[rows]) for rows, batch in
+                      _batches(inputs, now, max_length, data_config, batch_size, progress, desc)])
+
+
+def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequence[int] = (10, 20),
+                      max_length: int = 30, batch_size: int = 256,
+                      data_config: DataConfig | None = None, progress: bool = True
+                      ) -> dict[str, float]:
+    """Last item of each session, full ranking (DynamicRec, CIKM 2020).
+
+    Rules: per session with 2+ items, input = all items but the last, keeping the last
+    `max_length` (30) right-aligned; target = the last item; the target is ranked among ALL items,
+    items seen in the session are NOT excluded, ties count against the target. Sessions carry no
+    time: timestamps and `now` are 0, event types 1. Returns hr@k, ndcg@k (1/log2(rank+2)),
+    mrr@k for every k, averaged over sessions, and count.
+    """
+    kept = _sessions(sessions)
+    inputs = Histories.from_items([s[:-1] for s in kept])
+    ranks = _ranks_of_targets(ranker, inputs, np.array([s[-1] for s in kept], np.int64),
+                              max_length, data_config or DataConfig(), batch_size, progress,
+                              "session last item")
+    return {**rank_metrics(ranks, ks), "count": float(len(ranks))}
+
+
+def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
+                           ks: Sequence[int] = (20,), max_length: int | None = None,
+                           batch_size: int = 256, data_config: DataConfig | None = None,
+                           progress: bool = True) -> dict[str, float]:
+    """Every next item of each session, full ranking (GRU4Rec, ICLR 2016).
+
+    Rules: for a session x_1..x_n (n >= 2), the n-1 events x_{t+1}, t = 1..n-1, are each predicted
+    from the prefix x_1..x_t alone (the state starts from zero per session; input truncated to the
+    last `max_length` items, None = whole prefix); rank among ALL items, ties against the target.
+    recall@k and mrr@k are averaged over events, not sessions. A ranker with `step_ranks` (causal)
+    ranks every prefix of a session in one pass over the whole session; otherwise every prefix is
+    its own row.
+    """
+    data_config = data_config or DataConfig()
+    kept = _sessions(sessions)
+    step_ranks = getattr(ranker, "step_ranks", None)
+    if step_ranks is None or max_length is not None:
+        # One pass would let late positions see more than max_length items: a row per prefix.
+        inputs = Histories.from_items([s[:t] for s in kept for t in range(1, len(s))])
+        targets = np.array([x for s in kept for x in s[1:]], np.int64)
+        ranks = _ranks_of_targets(ranker, inputs, targets, max_length, data_config, batch_size,
+                                  progress, "session prefixes")
+    else:
+        # history_batch sets targets[t] = items[t+1]: the mask marks the n-1 predictions.
+        batches = _batches(Histories.from_items(kept), np.zeros(len(kept), np.int64), None,
+                           data_config, batch_size, progress, "session steps")
+        ranks = torch.cat([step_ranks(batch)[batch.mask] for _, batch in batches])
+    return {**rank_metrics(ranks, ks, ("recall", "mrr")), "count": float(len(ranks))}
+
+
+def split_leave_one_out(histories) -> tuple[Histories, Histories, Histories]:
+    """SASRec's split -> (train, valid, test).
+
+    Users with 3+ events: test = the last event, valid = the second last, train = the rest.
+    Users with fewer events: all of them in train, none in valid/test. train keeps every user (in
+    the input order); valid and test hold one event for each user with 3+ events, same order.
+    """
+    h = as_histories(histories)
+    n = h.lengths()
+    every = np.arange(len(h))
+    split = every[n >= 3]
+    train = h.slices(every, np.zeros_like(n), np.where(n >= 3, n - 2, n))
+    last = n[split]
+    return train, h.slices(split, last - 2, last - 1), h.slices(split, last - 1, last)
+
+
+def _negatives(rng: np.random.Generator, interacted: list[np.ndarray], num_items: int,
+               count: int) -> np.ndarray:
+    """(U, count) items drawn uniformly, with replacement (as SASRec), among 1..num_items minus
+    each user's interacted items (rejection: redraw the rejected ones until none is left)."""
+    seen = [np.unique(x) for x in interacted]
+    for row, x in enumerate(seen):
+        if x[-1] > num_items or x[0] < 1:
+            raise ValueError(f"leave-one-out: user row {row} has an item id outside 1..{num_items}")
+        if len(x) >= num_items:
+            raise ValueError(f"leave-one-out: user row {row} interacted with every item")
+    # One sorted key space, user row * (num_items + 1) + item, answers every membership query.
+    offsets = np.arange(len(seen), dtype=np.int64)[:, None] * (num_items + 1)
+    keys = np.concatenate([x + offsets[row, 0] for row, x in enumerate(seen)])
+    draws = rng.integers(1, num_items + 1, size=(len(seen), count))
+    while True:
+        wanted = draws + offsets
+        found = keys[np.searchsorted(keys, wanted).clip(max=len(keys) - 1)] == wanted
+        if not found.any():
+            return draws
+        draws[found] = rng.integers(1, num_items + 1, size=int(found.sum()))
+
+
+def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), target: str = "test",
+                       num_negatives: int = 100, max_length: int = 50,
+                       max_users: int | None = 10_000, seed: int = 0, batch_size: int = 256,
+                       data_config: DataConfig | None = None, progress: bool = True
+                       ) -> dict[str, float]:
+    """Leave-one-out per user (SASRec, ICDM 2018), sampled and full ranking.
+
+    Rules: users with 3+ events (time order as given); target "test" = the last event with input =
+    all earlier events, "valid" = the second last with input = the events before it; input keeps
+    the last `max_length` (50), `now` = the target's timestamp. If more than `max_users` users
+    qualify, that many are drawn uniformly without replacement (numpy Generator seeded with
+    `seed`). (a) sampled: candidates = the target + `num_negatives` (100) items drawn uniformly with
+    replacement from the items the user NEVER interacted with (train, valid and test: so neither
+    the held-out items nor any seen item is ever a negative); rank = #{negatives scoring >= the
+    target} among the 101. (b) full: rank over the whole catalog. Ties count against the target.
+    Returns sampled_{hr,ndcg,mrr}@k and full_{hr,ndcg,mrr}@k, averaged over users, and count.
+    Same seed, same users and negatives (whatever the batch size).
+    """
+    if target not in ("test", "valid"):
+        raise ValueError(f"user_leave_one_out: target must be 'test' or 'valid', got {target!r}")
+    h = as_histories(histories)
+    rng = np.random.default_rng(seed)
+    n = h.lengths()
+    users = _sample_rows(np.flatnonzero(n >= 3), max_users, rng)
+    if not len(users):
+        raise ValueError("user_leave_one_out: no user has 3+ events")
+    cut = n[users] - (1 if target == "test" else 2)
+    inputs = h.slices(users, np.zeros_like(cut), cut)
+    goal = h.slices(users, cut, cut + 1)
+    targets, now = torch.as_tensor(np.concatenate(goal.items)), np.concatenate(goal.timestamps)
+    negatives = torch.as_tensor(_negatives(rng, [h.items[u] for u in users], ranker.num_items,
+                                           num_negatives))
+    sampled, full = [], []
+    for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
+                                progress, f"leave-one-out {target}"):
+        candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
+        scores = ranker.candidate_scores(batch, candidates)
+        sampled.append((scores[:, 1:] >= scores[:, :1]).sum(1))
+        full.append(ranker.target_ranks(batch, targets[rows]))
+    return {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"),
+            **rank_metrics(torch.cat(full), ks, prefix="full_"),
+            "count": float(len(users))}
+
+
+def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, k: int, max_length: int,
+                  data_config: DataConfig | None, batch_size: int, progress: bool, desc: str
+                  ) -> dict[str, float]:
+    """Top-k of each user at the time of its first ground-truth event against its ground truth."""
+    now = np.array([t[0] for t in truth.timestamps], np.int64)
+    precision, recall, first_ranks = [], [], []
+    for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
+                                progress, desc):
+        top = ranker.topk(batch, k)                                            # (B, k)
+        expected = pad_sequence([torch.as_tensor(x) for x in truth.items[rows]],
+                                batch_first=True)                              # (B, M)
+        p, r = multi_target_precision_recall(top, expected)
+        match = top == expected[:, :1]
+        first_ranks.append(torch.where(match.any(1), match.long().argmax(1), k))
+        precision.append(p)
+        recall.append(r)
+    if not precision:
+        raise ValueError(f"{desc}: no user to evaluate")
+    recall = torch.cat(recall)
+    return {f"precision@{k}": torch.cat(precision).mean().item(),
+            f"recall@{k}": recall.mean().item(),
+            f"hr@{k}": (recall > 0).double().mean().item(),
+            **rank_metrics(torch.cat(first_ranks), [k], ("ndcg", "mrr")),
+            "count": float(len(recall))}
+
+
+def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | None = 10_000,
+                   min_events: int = 10, max_length: int = 100, seed: int = 0,
+                   batch_size: int = 256, data_config: DataConfig | None = None,
+                   progress: bool = True) -> dict[str, float]:
+    """First half -> second half per user (TDM, KDD 2018; the HRNN paper's Taobao protocol).
+
+    Rules: users with `min_events` (10)+ events; `num_users` (10,000) of them drawn uniformly
+    without replacement (numpy Generator seeded with `seed`; all when fewer qualify). Each user's
+    events sorted by time (stable); with n events, the first n // 2 are the input (its last
+    `max_length` kept) and the other n - n // 2 the ground truth: all behaviour types, duplicates
+    kept. `now` = timestamp of the first ground-truth event. Top-k over the full catalog, seen items
+    NOT excluded. Per user, with hits = ground-truth events whose item is in the top k
+    (metrics.multi_target_precision_recall): precision@k = hits / k, recall@k = hits / n_truth;
+    hr@k = share of users with a hit; ndcg@k and mrr@k score the first ground-truth item at its
+    position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).
+    All averaged over users; count = users.
+    """
+    h = as_histories(histories)
+    users = _sample_rows(np.flatnonzero(h.lengths() >= min_events), num_users,
+                         np.random.default_rng(seed))
+    h = _sorted_by_time(h.slices(users, np.zeros_like(users), h.lengths()[users]))
+    n, every = h.lengths(), np.arange(len(users))
+    return _multi_target(ranker, h.slices(every, np.zeros_like(n), n // 2),
+                         h.slices(every, n // 2, n), k, max_length, data_config, batch_size,
+                         progress, "tdm first half")
+
+
+def next_hour(ranker: Ranker, histories, hour_start: int, hour_seconds: int = 3600, k: int = 200,
+              max_users: int | None = None, max_length: int = 100, seed: int = 0,
+              batch_size: int = 256, data_config: DataConfig | None = None,
+              progress: bool = True) -> dict[str, float]:
+    """The next hour's events of each active user (frames for hourly retraining).
+
+    Rules: per user (events sorted by time, stable), input = events with timestamp < hour_start
+    (last `max_length` kept), ground truth = events in [hour_start, hour_start + hour_seconds), all
+    types, duplicates kept; later events are ignored. Users need 1+ event on each side (users with
+    no history are skipped: nothing to condition on). Optionally `max_users` of them, drawn with a
+    numpy Generator seeded with `seed`. `now` = the first ground-truth timestamp. Metrics as in
+    `tdm_first_half`: precision@k, recall@k, hr@k, ndcg@k, mrr@k, count.
+    """
+    h = as_histories(histories)
+    n = h.lengths()
+    owner = np.repeat(np.arange(len(h)), n)
+    times = np.concatenate(h.timestamps) if len(h) else np.zeros(0, np.int64)
+    before = np.bincount(owner, times < hour_start, len(h))
+    inside = np.bincount(owner, (times >= hour_start) & (times < hour_start + hour_seconds), len(h))
+    users = _sample_rows(np.flatnonzero((before > 0) & (inside > 0)), max_users,
+                         np.random.default_rng(seed))
+    h = _sorted_by_time(h.slices(users, np.zeros_like(users), n[users]))
+    every = np.arange(len(users))
+    start = before[users].astype(np.int64)
+    return _multi_target(ranker, h.slices(every, np.zeros_like(start), start),
+                         h.slices(every, start, start + inside[users].astype(np.int64)), k,
+                         max_length, data_config, batch_size, progress, f"hour {hour_start}")
