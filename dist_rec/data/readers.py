@@ -1,0 +1,256 @@
+"""Readers of raw event files into the event table (schema.py), all through fsspec URIs.
+
+Every reader takes a local path or a remote URI (s3://..., with `storage_options` passed to
+fsspec), streams the file in blocks (no Python loop per row) and returns
+`(events: pa.Table, report: QuarantineReport)`; with `quarantine_uri` the report's rows are also
+written there as CSV. Compressed files (.gz, .bz2, ...) are decompressed by suffix.
+
+- read_user_behavior: Taobao UserBehavior.csv, no header:
+  `user_id,item_id,category_id,behavior_type,timestamp` (behaviour pv|cart|fav|buy, unix seconds).
+- read_events: generic Parquet or CSV (with a header) file, or a directory of them, with a column
+  mapping {event field: source column}, e.g. {"user_id": "visitorid", "item_id": "itemid",
+  "timestamp": "ts", "event_type": "event"}.
+- read_sessions: one session per line, item ids left-padded with 0 (yoochoose_sessions.csv).
+  Returns a user-less event table: user_id = the session's 1-based line number, timestamp = the
+  position of the item in the session (0, 1, ...), event type = the first configured type.
+- read_user_item: `user item` per line, each user's lines in time order
+  (amazon_games_user_item.txt); timestamp = position within the user (0, 1, ...).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dist_rec.config import DataConfig
+from dist_rec.data.schema import (QuarantineReport, event_table, parse_integers,
+                                  quarantine_rows, row_texts, validate_events)
+
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "event_type", "timestamp")
+BLOCK_BYTES = 64 << 20        # CSV bytes per block: amortises the per-block work, still streams
+PARQUET_BATCH_ROWS = 1 << 20
+
+
+def read_user_behavior(uri: str, config: DataConfig = DataConfig(),
+                       storage_options: dict | None = None,
+                       quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
+    """Taobao UserBehavior.csv -> (events with category_id, quarantine report)."""
+    columns = {name: name for name in TAOBAO_COLUMNS}
+    tables, reports = [], []
+    for raw, lines, wrong in _csv_blocks(uri, TAOBAO_COLUMNS, ",", storage_options):
+        events, report = validate_events(raw, lines, uri, config, columns)
+        tables.append(events)
+        reports.append(_checked(config, report, _wrong_width(uri, wrong)))
+    return _finish(uri, tables, reports, storage_options, quarantine_uri)
+
+
+def read_events(uri: str, columns: Mapping[str, str], config: DataConfig = DataConfig(),
+                file_format: str | None = None, delimiter: str = ",",
+                features: Sequence[str] = (), event_type_map: Mapping[str, str] | None = None,
+                storage_options: dict | None = None,
+                quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
+    """Parquet or headed CSV file, or a directory of them -> (events, quarantine report).
+
+    columns: event field -> source column (user_id, item_id and timestamp required; event_type,
+    value, category_id optional). features: source columns kept as extra columns, as read.
+    event_type_map: source behaviour -> configured type. file_format: "parquet" | "csv", default
+    from each file's suffix. Files in a directory are read in name order; names starting with
+    "_" or "." are skipped. For Parquet, `line` in the report is the 1-based row number and
+    `text` the mapped columns (then features) joined in mapping order.
+    """
+    missing = {"user_id", "item_id", "timestamp"} - set(columns)
+    if missing:
+        raise ValueError(f"read_events({uri}): column mapping lacks {sorted(missing)}")
+    wanted = list(dict.fromkeys([*columns.values(), *features]))
+    tables, reports = [], []
+    for path in _files(uri, storage_options):
+        fmt = file_format or ("parquet" if path.endswith((".parquet", ".pq")) else "csv")
+        if fmt == "parquet":
+            blocks = ((raw, lines, []) for raw, lines in _parquet_blocks(path, wanted,
+                                                                         storage_options))
+        else:
+            names = _header(path, delimiter, storage_options)
+            absent = set(wanted) - set(names)
+            if absent:
+                raise ValueError(f"{path}: header {names} lacks column(s) {sorted(absent)}")
+            blocks = _csv_blocks(path, names, delimiter, storage_options, header=True)
+        for raw, lines, wrong in blocks:
+            events, report = validate_events(raw, lines, path, config, columns, features,
+                                             event_type_map, delimiter)
+            tables.append(events)
+            reports.append(_checked(config, report, _wrong_width(path, wrong)))
+    return _finish(uri, tables, reports, storage_options, quarantine_uri)
+
+
+def read_sessions(uri: str, config: DataConfig = DataConfig(), num_fields: int = 10,
+                  storage_options: dict | None = None,
+                  quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
+    """Session-per-line CSV (item ids, 0 = padding) -> (user-less events, quarantine report).
+
+    user_id = 1-based line number of the session; timestamp = position in the session.
+    """
+    names = tuple(f"field_{j + 1}" for j in range(num_fields))
+    tables, reports = [], []
+    for raw, lines, wrong in _csv_blocks(uri, names, ",", storage_options):
+        matrix, good_lines, report = _integer_rows(raw, lines, uri, ",")
+        reports.append(_checked(config, report, _wrong_width(uri, wrong)))
+        real = matrix > 0
+        positions = np.cumsum(real, axis=1) - 1
+        users = np.broadcast_to(good_lines[:, None], matrix.shape)
+        tables.append(event_table(users[real], matrix[real], positions[real],
+                                  np.ones(int(real.sum()), np.int8), config.event_types))
+    return _finish(uri, tables, reports, storage_options, quarantine_uri)
+
+
+def read_user_item(uri: str, config: DataConfig = DataConfig(),
+                   storage_options: dict | None = None,
+                   quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
+    """`user item` per line, time-ordered per user -> (events, quarantine report).
+
+    timestamp = position of the line among the user's lines (0, 1, ...), in file order.
+    """
+    pairs, reports = [np.zeros((0, 2), np.int64)], []
+    for raw, lines, wrong in _csv_blocks(uri, ("user_id", "item_id"), " ", storage_options):
+        matrix, _, report = _integer_rows(raw, lines, uri, " ")
+        reports.append(_checked(config, report, _wrong_width(uri, wrong)))
+        pairs.append(matrix)
+    user, item = np.concatenate(pairs).T
+    # Position within the user, robust to a user's lines not being contiguous.
+    order = np.argsort(user, kind="stable")
+    sorted_users = user[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    rank = np.arange(len(user)) - np.repeat(starts, np.diff(np.r_[starts, len(user)]))
+    positions = np.empty(len(user), np.int64)
+    positions[order] = rank
+    events = event_table(user, item, positions, np.ones(len(user), np.int8), config.event_types)
+    return _finish(uri, [events], reports, storage_options, quarantine_uri)
+
+
+def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options: dict | None,
+                header: bool = False) -> Iterator[tuple[pa.Table, np.ndarray, list]]:
+    """Yield (string columns, (n,) 1-based line numbers, rows of the wrong width) per block.
+
+    Rows of the wrong width are skipped by the parser and handed over as (line, text, expected,
+    actual). Single-threaded parsing is what keeps line numbers known (pyarrow gives none when
+    multithreaded); empty lines are kept (as rows of empty fields) so that numbering stays exact.
+    """
+    wrong: list[tuple[int, str, int, int]] = []
+
+    def skip(row) -> str:
+        wrong.append((row.number, row.text, row.expected_columns, row.actual_columns))
+        return "skip"
+
+    read = pacsv.ReadOptions(column_names=list(names), skip_rows=int(header), use_threads=False,
+                             block_size=BLOCK_BYTES)
+    parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip,
+                               ignore_empty_lines=False)
+    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+    next_line = 1 + int(header)
+    with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as f:
+        try:
+            reader = pacsv.open_csv(f, read_options=read, parse_options=parse,
+                                    convert_options=convert)
+        except pa.ArrowInvalid as error:    # e.g. an empty file
+            raise ValueError(f"{uri}: {error}") from error
+        for batch in reader:
+            # This block's rows are the first n lines from next_line that were not skipped.
+            skipped = np.array(sorted(w[0] for w in wrong if w[0] >= next_line), np.int64)
+            candidates = np.arange(next_line, next_line + batch.num_rows + len(skipped))
+            lines = candidates[~np.isin(candidates, skipped)][:batch.num_rows]
+            next_line = int(lines[-1]) + 1 if len(lines) else next_line
+            done = [w for w in wrong if w[0] < next_line]
+            wrong[:] = [w for w in wrong if w[0] >= next_line]
+            yield pa.Table.from_batches([batch]), lines, done
+    if wrong:
+        yield pa.table({name: pa.array([], pa.string()) for name in names}), \
+            np.zeros(0, np.int64), wrong
+
+
+def _parquet_blocks(path: str, columns: list[str],
+                    storage_options: dict | None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    with fsspec.open(path, "rb", **(storage_options or {})) as f:
+        parquet = pq.ParquetFile(f)
+        absent = set(columns) - set(parquet.schema_arrow.names)
+        if absent:
+            raise ValueError(f"{path}: Parquet columns {parquet.schema_arrow.names} lack "
+                             f"{sorted(absent)}")
+        first = 1
+        for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([batch]), np.arange(first, first + batch.num_rows)
+            first += batch.num_rows
+
+
+def _integer_rows(raw: pa.Table, lines: np.ndarray, source: str,
+                  delimiter: str) -> tuple[np.ndarray, np.ndarray, QuarantineReport]:
+    """Rows of non-negative integers -> ((k, columns) int64 good rows, (k,) their lines, report)."""
+    shape = (raw.num_rows, raw.num_columns)
+    matrix = np.zeros(shape, np.int64)
+    missing, malformed = np.zeros(shape, bool), np.zeros(shape, bool)
+    for j, name in enumerate(raw.column_names):
+        matrix[:, j], missing[:, j], malformed[:, j] = parse_integers(raw[name])
+    # As in schema.py: missing_field wins over non_integer_id, then the first such column.
+    has_missing = missing.any(axis=1)
+    bad_cells = np.where(has_missing[:, None], missing, malformed)
+    good = ~bad_cells.any(axis=1)
+    bad = np.flatnonzero(~good)
+    report = QuarantineReport(quarantine_rows(
+        source, lines[bad], np.where(has_missing[bad], "missing_field", "non_integer_id").tolist(),
+        [raw.column_names[j] for j in bad_cells[bad].argmax(axis=1)],
+        row_texts(raw.take(bad), delimiter)), raw.num_rows)
+    return matrix[good], lines[good], report
+
+
+def _wrong_width(source: str, wrong: list) -> QuarantineReport:
+    """Report the rows the CSV parser skipped for having the wrong number of columns."""
+    return QuarantineReport(quarantine_rows(
+        source, np.array([w[0] for w in wrong], np.int64), ["wrong_column_count"] * len(wrong),
+        [f"columns (expected {w[2]}, got {w[3]})" for w in wrong], [w[1] for w in wrong]),
+        len(wrong))
+
+
+def _checked(config: DataConfig, *reports: QuarantineReport) -> QuarantineReport:
+    """One block's reports merged; in strict mode its earliest bad row raises."""
+    report = QuarantineReport.concat(reports)
+    if config.strict:
+        report.raise_first()
+    return report
+
+
+def _finish(uri: str, tables: list[pa.Table], reports: list[QuarantineReport],
+            storage_options: dict | None,
+            quarantine_uri: str | None) -> tuple[pa.Table, QuarantineReport]:
+    """Concatenate the blocks; log the quarantine and write it where asked."""
+    empty = np.zeros(0, np.int64)
+    events = (pa.concat_tables(tables, promote_options="permissive") if tables
+              else event_table(empty, empty, empty, empty))
+    report = QuarantineReport.concat(reports)
+    report.rows = report.rows.sort_by([("source", "ascending"), ("line", "ascending")])
+    report.log_summary(uri)
+    if quarantine_uri:
+        report.write(quarantine_uri, storage_options)
+    return events, report
+
+
+def _files(uri: str, storage_options: dict | None) -> list[str]:
+    """The file itself, or the data files of a directory in name order, as fsspec URIs."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.isdir(path):
+        return [uri]
+    names = sorted(p for p in fs.find(path)
+                   if not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+    if not names:
+        raise FileNotFoundError(f"{uri}: no data files in this directory")
+    return [fs.unstrip_protocol(p) if "://" in uri else p for p in names]
+
+
+def _header(uri: str, delimiter: str, storage_options: dict | None) -> list[str]:
+    with fsspec.open(uri, "rt", compression="infer", **(storage_options or {})) as f:
+        line = f.readline().rstrip("\r\n")
+    if not line:
+        raise ValueError(f"{uri}, line 1: expected a header row of column names")
+    return [name.strip().strip('"') for name in line.split(delimiter)]
