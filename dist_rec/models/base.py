@@ -9,7 +9,7 @@ The encoder never owns item tables: `NextItemModel` looks up `item_vectors` in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,6 +41,20 @@ def register(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
         _REGISTRY[name] = factory
         return factory
     return wrap
+
+
+def read_options(config: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`config.options` over `defaults`; an unknown key is a typo, so it raises naming it."""
+    unknown = sorted(set(config.options) - set(defaults))
+    if unknown:
+        raise ValueError(f"ModelConfig.options for {config.name!r}: unknown key(s) {unknown}; "
+                         f"known: {sorted(defaults)}")
+    return {**defaults, **config.options}
+
+
+def check_heads(name: str, dim: int, heads: int) -> None:
+    if heads < 1 or dim % heads:
+        raise ValueError(f"{name}: options['heads']={heads} must divide hidden_dim={dim}")
 
 
 def registered_models() -> list[str]:

@@ -20,8 +20,7 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
-from dist_rec.models.base import Dimensions, register
-from dist_rec.models.sasrec import read_options
+from dist_rec.models.base import Dimensions, read_options, register
 
 
 @register("caser")

@@ -19,9 +19,9 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
-from dist_rec.models.base import Dimensions, register
+from dist_rec.models.base import Dimensions, check_heads, read_options, register
 from dist_rec.models.convrec import ConvBlock
-from dist_rec.models.sasrec import SequenceInput, check_heads, read_options
+from dist_rec.models.sasrec import SequenceInput
 
 
 class DynamicConv(nn.Module):

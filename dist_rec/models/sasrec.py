@@ -23,21 +23,7 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
-from dist_rec.models.base import Dimensions, register
-
-
-def read_options(config: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`config.options` over `defaults`; an unknown key is a typo, so it raises."""
-    unknown = sorted(set(config.options) - set(defaults))
-    if unknown:
-        raise ValueError(f"ModelConfig.options for {config.name!r}: unknown key(s) {unknown}; "
-                         f"known: {sorted(defaults)}")
-    return {**defaults, **config.options}
-
-
-def check_heads(name: str, dim: int, heads: int) -> None:
-    if heads < 1 or dim % heads:
-        raise ValueError(f"{name}: options['heads']={heads} must divide hidden_dim={dim}")
+from dist_rec.models.base import Dimensions, check_heads, read_options, register
 
 
 class SequenceInput(nn.Module):
