@@ -61,6 +61,7 @@ class SamplerConfig:
 class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0         # Ray CPUs reserved per training worker
     bf16: bool = False
     batch_size: int = 256
     epochs: int = 1

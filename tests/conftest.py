@@ -8,11 +8,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A 2-CPU local Ray instance for the whole session (started once: it takes ~10 s)."""
+    """A local Ray instance for the whole session (started once: it takes ~10 s).
+
+    3 logical CPUs: one per training worker and one for Ray Data's read tasks.
+    """
     import ray
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": repo}})
     yield ray
     ray.shutdown()

@@ -19,7 +19,6 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
@@ -369,34 +368,44 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
             "count": float(len(users))}
 
 
-def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, k: int, max_length: int,
-                  data_config: DataConfig | None, batch_size: int, progress: bool, desc: str
-                  ) -> dict[str, float]:
-    """Top-k of each user at the time of its first ground-truth event against its ground truth."""
+def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: Sequence[int],
+                  max_length: int, data_config: DataConfig | None, batch_size: int,
+                  progress: bool, desc: str) -> dict[str, float]:
+    """Top-k of each user at the time of its first ground-truth event against its ground truth,
+    for every k in `cutoffs` from one top-max(cutoffs) list."""
+    cutoffs = sorted(set(cutoffs))
+    k = cutoffs[-1]
     now = np.array([t[0] for t in truth.timestamps], np.int64)
-    precision, recall, first_ranks = [], [], []
+    precision = {c: [] for c in cutoffs}
+    recall = {c: [] for c in cutoffs}
+    first_ranks = []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, desc):
         top = ranker.topk(batch, k)                                            # (B, k)
         expected = pad_sequence([torch.as_tensor(x) for x in truth.items[rows]],
                                 batch_first=True)                              # (B, M)
-        p, r = multi_target_precision_recall(top, expected)
+        for c in cutoffs:
+            p, r = multi_target_precision_recall(top[:, :c], expected)
+            precision[c].append(p)
+            recall[c].append(r)
         match = top == expected[:, :1]
         first_ranks.append(torch.where(match.any(1), match.long().argmax(1), k))
-        precision.append(p)
-        recall.append(r)
-    if not precision:
+    if not first_ranks:
         raise ValueError(f"{desc}: no user to evaluate")
-    recall = torch.cat(recall)
-    return {f"precision@{k}": torch.cat(precision).mean().item(),
-            f"recall@{k}": recall.mean().item(),
-            f"hr@{k}": (recall > 0).double().mean().item(),
-            **rank_metrics(torch.cat(first_ranks), [k], ("ndcg", "mrr")),
-            "count": float(len(recall))}
+    out: dict[str, float] = {}
+    for c in cutoffs:
+        found = torch.cat(recall[c])
+        out.update({f"precision@{c}": torch.cat(precision[c]).mean().item(),
+                    f"recall@{c}": found.mean().item(),
+                    f"hr@{c}": (found > 0).double().mean().item()})
+    out.update(rank_metrics(torch.cat(first_ranks), cutoffs, ("ndcg", "mrr")))
+    out["count"] = float(sum(len(r) for r in first_ranks))
+    return out
 
 
 def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | None = 10_000,
                    min_events: int = 10, max_length: int = 100, seed: int = 0,
+                   ks: Sequence[int] = (),
                    batch_size: int = 256, data_config: DataConfig | None = None,
                    progress: bool = True) -> dict[str, float]:
     """First half -> second half per user (TDM, KDD 2018; the HRNN paper's Taobao protocol).
@@ -410,7 +419,7 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     (metrics.multi_target_precision_recall): precision@k = hits / k, recall@k = hits / n_truth;
     hr@k = share of users with a hit; ndcg@k and mrr@k score the first ground-truth item at its
     position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).
-    All averaged over users; count = users.
+    All averaged over users; count = users. `ks`: more cutoffs (<= k) reported from the same list.
     """
     h = as_histories(histories)
     users = _sample_rows(np.flatnonzero(h.lengths() >= min_events), num_users,
@@ -418,8 +427,8 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     h = _sorted_by_time(h.slices(users, np.zeros_like(users), h.lengths()[users]))
     n, every = h.lengths(), np.arange(len(users))
     return _multi_target(ranker, h.slices(every, np.zeros_like(n), n // 2),
-                         h.slices(every, n // 2, n), k, max_length, data_config, batch_size,
-                         progress, "tdm first half")
+                         h.slices(every, n // 2, n), (k, *ks), max_length, data_config,
+                         batch_size, progress, "tdm first half")
 
 
 def next_hour(ranker: Ranker, histories, hour_start: int, hour_seconds: int = 3600, k: int = 200,
@@ -447,5 +456,5 @@ def next_hour(ranker: Ranker, histories, hour_start: int, hour_seconds: int = 36
     every = np.arange(len(users))
     start = before[users].astype(np.int64)
     return _multi_target(ranker, h.slices(every, np.zeros_like(start), start),
-                         h.slices(every, start, start + inside[users].astype(np.int64)), k,
+                         h.slices(every, start, start + inside[users].astype(np.int64)), (k,),
                          max_length, data_config, batch_size, progress, f"hour {hour_start}")

@@ -1,0 +1,146 @@
+"""`dist-rec generate | prepare | train`: the command line over the library.
+
+`train` is what jobs/taobao_hrnn.py runs. Every JobConfig field can be set: the common ones have
+flags, any other with `--set section.field=value`, and `--config run.json` loads a whole config
+(e.g. one printed by `--print-config`), so two runs can be diffed as files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from dist_rec.config import JobConfig
+
+# flag -> (config path, type, help). One table, so --help and the config cannot drift apart.
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--events": ("data.events_uri", str, "events to train on: UserBehavior.csv or a Parquet "
+                 "directory, local or s3://; empty = generate Taobao-like data first"),
+    "--work-dir": ("data.work_dir", str, "where prepared data (vocabulary, window shards) goes"),
+    "--model": ("model.name", str, "encoder: hrnn, gru4rec, user_gru, caser, convrec, dynamicrec, "
+                "sasrec"),
+    "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
+    "--embedding": ("model.embedding_dim", int, "input item vector size E"),
+    "--loss": ("sampler.loss", str, "full_softmax | sampled_softmax | bpr_max | bce"),
+    "--negatives": ("sampler.num_negatives", int, "K shared negatives per batch (alias sampler)"),
+    "--alpha": ("sampler.alpha", float, "negatives drawn from count^alpha (0 = uniform)"),
+    "--workers": ("train.num_workers", int, "Ray Train workers (data-parallel ranks)"),
+    "--gpu": ("train.use_gpu", bool, "one GPU per worker, NCCL"),
+    "--bf16": ("train.bf16", bool, "bfloat16 autocast for the encoder"),
+    "--epochs": ("train.epochs", int, "passes over the training windows"),
+    "--batch-size": ("train.batch_size", int, "windows per step per worker"),
+    "--max-steps": ("train.max_steps", int, "stop after this many steps (0 = no limit)"),
+    "--lr": ("train.dense_lr", float, "Adam learning rate of the encoder"),
+    "--sparse-lr": ("train.sparse_lr", float, "row-wise Adagrad learning rate of the item tables"),
+    "--seed": ("train.seed", int, "seed of initialisation, negatives and shuffling"),
+    "--sharding": ("train.sharding", str, "item tables: none (replicated) | row (row-wise sharded)"),
+    "--storage": ("storage.uri", str, "checkpoints and results: local path or s3://bucket/prefix"),
+    "--s3-endpoint": ("storage.endpoint_url", str, "S3 endpoint (MinIO, moto, ...)"),
+    "--keep-last": ("storage.keep_last", int, "checkpoints to keep"),
+    "--run-name": ("run_name", str, "name of the run: its directory under --storage"),
+    "--strict": ("data.strict", bool, "fail on the first bad input row instead of quarantining it"),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = JobConfig().to_dict()
+    for flag, (path, kind, text) in TRAIN_FLAGS.items():
+        default = _get(defaults, path)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=None,
+                                help=f"{text} (default: {default!r})")
+    parser.add_argument("--config", help="JSON config to start from (see --print-config)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="set any config field, e.g. --set data.session_gap_seconds=3600 "
+                        "(value parsed as JSON when it can be)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as JSON and exit")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a tiny configuration of the same path (< 1 minute)")
+    parser.add_argument("--users", type=int, help="synthetic data: number of users")
+    parser.add_argument("--items", type=int, help="synthetic data: catalog size")
+    parser.add_argument("--num-events", type=int, help="synthetic data: number of events")
+    parser.add_argument("--test-users", type=int, default=None,
+                        help="held-out users for the TDM evaluation (default 2000; smoke 200)")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or an "
+                        "embedded local Ray)")
+
+
+def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
+    """base <- --config file <- flags <- --set, later wins."""
+    raw = base.to_dict()
+    if args.config:
+        with open(args.config) as f:
+            raw = JobConfig.from_dict(json.load(f)).to_dict()
+    for flag, (path, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            _put(raw, path, value)
+    for assignment in args.set:
+        path, _, text = assignment.partition("=")
+        if not _:
+            raise SystemExit(f"--set {assignment!r}: expected SECTION.FIELD=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        _put(raw, path, value)
+    return JobConfig.from_dict(raw)
+
+
+def _get(raw: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _put(raw: dict[str, Any], path: str, value: Any) -> None:
+    *sections, name = path.split(".")
+    for part in sections:
+        if part not in raw or not isinstance(raw[part], dict):
+            raise SystemExit(f"unknown config section in {path!r}")
+        raw = raw[part]
+    if name not in raw:
+        raise SystemExit(f"unknown config field {path!r}")
+    raw[name] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dist_rec.data import synthetic
+    from dist_rec.train import pipeline
+
+    parser = argparse.ArgumentParser(prog="dist-rec", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="write synthetic Taobao-like events")
+    synthetic.add_arguments(generate)
+    prepare = commands.add_parser("prepare", help="events -> vocabulary + window shards")
+    add_train_arguments(prepare)
+    train = commands.add_parser(
+        "train", help="prepare, train on Ray, evaluate (TDM p@200/r@200) against MostPop",
+        description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(train)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "generate":
+        synthetic.run_from_args(args)
+        return 0
+    job = pipeline.JobSpec.from_args(args, config_from_args)
+    if args.print_config:
+        print(job.config.to_json())
+        return 0
+    if args.command == "prepare":
+        print(pipeline.prepare_data(job).uri)
+        return 0
+    summary = pipeline.run(job)
+    print(pipeline.format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

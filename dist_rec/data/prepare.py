@@ -1,0 +1,132 @@
+"""Raw events -> everything training reads: vocabulary, window shards, held-out test users.
+
+Layout of a prepared directory (local or s3://):
+    meta.json                 sizes, vocabulary hash, counts; written last (its presence = complete)
+    vocab/                    Vocabulary.save
+    item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
+    windows/part-*.parquet    training windows (sequences.build_windows), streamed by Ray Data
+    test_histories.parquet    the held-out users' full histories (sequences.build_histories)
+
+Test users (the TDM protocol: users with 10+ events, drawn at random) are held out of training
+entirely; the vocabulary and the item counts come from the training users only, so an item that
+only a test user touched is unknown (a miss for every model alike), never an untrained row.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dist_rec.config import DataConfig
+from dist_rec.data.readers import read_events, read_user_behavior
+from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
+from dist_rec.data.vocab import Vocabulary
+from dist_rec.models.base import Dimensions
+from dist_rec.storage import filesystem
+
+logger = logging.getLogger(__name__)
+
+TDM_MIN_EVENTS = 10
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    uri: str
+    dimensions: Dimensions
+    item_counts: np.ndarray          # (num_items + 1,) int64
+    vocab_hash: str
+    num_windows: int
+    num_train_events: int
+    storage_options: dict[str, Any]
+
+    @staticmethod
+    def load(uri: str, storage_options: dict[str, Any] | None = None) -> "PreparedData":
+        fs, root = filesystem(uri, storage_options)
+        try:
+            meta = json.loads(fs.cat_file(posixpath.join(root, "meta.json")))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri}: not a prepared data directory (no meta.json); "
+                                    f"run `dist-rec prepare` first") from None
+        counts = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_counts.npy"))))
+        return PreparedData(uri, Dimensions(**meta["dimensions"]), counts, meta["vocab_hash"],
+                            meta["num_windows"], meta["num_train_events"], storage_options or {})
+
+    def test_histories(self) -> pa.Table:
+        fs, root = filesystem(self.uri, self.storage_options)
+        with fs.open(posixpath.join(root, "test_histories.parquet"), "rb") as f:
+            return pq.read_table(f)
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary.load(posixpath.join(self.uri, "vocab"), self.storage_options)
+
+
+def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
+                    quarantine_uri: str | None) -> pa.Table:
+    """UserBehavior.csv (Taobao format) or a Parquet file/directory in the event schema.
+
+    Bad rows go to `quarantine_uri` (source file, line, reason) and never take good rows along.
+    """
+    uri = config.events_uri
+    if uri.endswith((".csv", ".csv.gz")):
+        events, _ = read_user_behavior(uri, config, storage_options, quarantine_uri)
+    else:
+        names = ("user_id", "item_id", "timestamp", "event_type", "category_id")
+        events, _ = read_events(uri, {n: n for n in names}, config, file_format="parquet",
+                                     storage_options=storage_options, quarantine_uri=quarantine_uri)
+    return events  # the reader logged its quarantine summary
+
+
+def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
+            storage_options: dict[str, Any] | None = None) -> PreparedData:
+    """Read, validate, split off test users, build vocabulary and windows, write them all."""
+    fs, root = filesystem(out_uri, storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
+    events = read_any_events(config, storage_options, posixpath.join(out_uri, "quarantine.csv"))
+    held_out = pc.is_in(events["user_id"], _draw_test_users(events, test_users, seed))
+    train_events, test_events = events.filter(pc.invert(held_out)), events.filter(held_out)
+
+    vocab = Vocabulary.from_config(train_events, config)
+    train = build_histories(train_events, vocab, config)
+    test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
+    test = build_histories(test_events, test_vocab, config)
+    windows = build_windows(train, config)
+    logger.info("prepared %d training users, %d windows, %d test users, %d items",
+                train.num_rows, windows.num_rows, test.num_rows, vocab.num_items)
+
+    write_window_shards(windows, posixpath.join(out_uri, "windows"), config.rows_per_shard,
+                        storage_options)
+    with fs.open(posixpath.join(root, "test_histories.parquet"), "wb") as f:
+        pq.write_table(test, f)
+    counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
+    counts[0] = 0
+    buffer = io.BytesIO()
+    np.save(buffer, counts.astype(np.int64))
+    fs.pipe_file(posixpath.join(root, "item_counts.npy"), buffer.getvalue())
+    vocab.save(posixpath.join(out_uri, "vocab"), storage_options)
+
+    dims = Dimensions(num_items=vocab.num_items, num_users=test_vocab.num_users,
+                      num_delta_buckets=config.num_delta_buckets,
+                      num_event_types=len(config.event_types))
+    meta = {"dimensions": dims.__dict__, "vocab_hash": vocab.hash, "num_windows": windows.num_rows,
+            "num_train_events": int(counts.sum()), "test_users": test.num_rows,
+            "events_uri": config.events_uri}
+    fs.pipe_file(posixpath.join(root, "meta.json"), json.dumps(meta, indent=2).encode())
+    return PreparedData.load(out_uri, storage_options)
+
+
+def _draw_test_users(events: pa.Table, count: int, seed: int) -> pa.Array:
+    """`count` raw user ids drawn uniformly among users with TDM_MIN_EVENTS+ events."""
+    users, counts = np.unique(events["user_id"].to_numpy(), return_counts=True)
+    eligible = users[counts >= TDM_MIN_EVENTS]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(eligible, size=min(count, len(eligible)), replace=False)
+    return pa.array(np.sort(chosen), pa.int64())

@@ -1,0 +1,74 @@
+"""Build and run the Ray Train TorchTrainer for a JobConfig (the driver side of training).
+
+The worker side is loop.train_loop_per_worker; the config crosses the boundary as a plain dict.
+Checkpoints live under `<storage.uri>/<run_name>/checkpoints/` (local or s3://): our own format
+(manifest + per-rank shards, see dist_rec/checkpoint), reported to Ray without a second upload.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from dist_rec.config import JobConfig
+from dist_rec.data.streaming import read_windows
+from dist_rec.storage import pyarrow_filesystem
+from dist_rec.train.loop import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (RAY_ADDRESS / `address`) or start an embedded local one.
+
+    The local one advertises one CPU more than the machine has: the training workers reserve
+    a CPU each, and Ray Data's read tasks need one left over or the stream never starts.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=True,
+                 # Workers import dist_rec from this checkout, like the driver does.
+                 runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}})
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def storage_path(config: JobConfig) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem) for RunConfig; local paths are made absolute."""
+    uri = config.storage.uri
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    fs, path = pyarrow_filesystem(uri, config.storage.storage_options())
+    return path, fs
+
+
+def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
+    """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result."""
+    path, fs = storage_path(config)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": config.to_dict(), "prepared_uri": prepared_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if config.train.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=config.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # Pruning is ours (dist_rec.checkpoint.prune) so local and s3 behave alike.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+        datasets={"train": read_windows(f"{prepared_uri}/windows",
+                                        config.storage.storage_options())},
+    )
+    logger.info("training %s on %d worker(s)", config.model.name, config.train.num_workers)
+    return trainer.fit()

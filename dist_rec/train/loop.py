@@ -1,0 +1,126 @@
+"""The Ray Train worker: train_loop_per_worker(config dict) runs on every rank.
+
+Rebuild the config, build the parts (model, loss, optimizers), restore the newest checkpoint if
+any, then per epoch: stream this rank's windows through train_step, evaluate this rank's share of
+the test users, checkpoint (every rank its table rows, rank 0 the dense state) and report.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from ray.train.v2.api.report_config import CheckpointUploadMode
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_rec.config import JobConfig
+from dist_rec.data.prepare import PreparedData
+from dist_rec.data.streaming import iterate_batches
+from dist_rec.embeddings.optim import RowWiseAdagrad
+from dist_rec.evaluation.protocols import ModelRanker, tdm_first_half
+from dist_rec.losses import build_loss, event_weights
+from dist_rec.models import build_model
+from dist_rec.storage import pyarrow_filesystem
+from dist_rec.train import state
+from dist_rec.train.step import Optimizers, train_step
+
+logger = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = JobConfig.from_dict(loop_config["job"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if config.train.torch_threads:
+        torch.set_num_threads(config.train.torch_threads)
+    device = ray.train.torch.get_device()
+    prepared = PreparedData.load(loop_config["prepared_uri"], config.storage.storage_options())
+
+    torch.manual_seed(config.train.seed)      # identical initial tables on every rank
+    model = build_model(config.model, prepared.dimensions).to(device)
+    loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
+    # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
+    type_codes = torch.arange(len(config.data.event_types) + 1, device=device)
+    weights = event_weights(type_codes, config.data.event_types, config.sampler.event_weights)
+    optimizers = Optimizers(
+        dense=torch.optim.Adam(model.dense_parameters(), lr=config.train.dense_lr),
+        sparse=RowWiseAdagrad(model.sparse_parameters(), lr=config.train.sparse_lr))
+    # Same seed on every rank: the shared negatives of a step are the same everywhere.
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
+
+    position = {"step": 0, "epoch": 0}
+    resume = ray.train.get_checkpoint()
+    resume_path = _checkpoint_uri(resume) if resume else loop_config.get("resume_from")
+    if resume_path:
+        position = state.restore(config, resume_path, model.encoder, model.tables, optimizers,
+                                 generator, prepared.vocab_hash)
+        logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,
+                    position["epoch"], position["step"])
+    encoder = model.encoder
+    if world_size > 1:
+        model.encoder = DistributedDataParallel(encoder)
+
+    shard = ray.train.get_dataset_shard("train")
+    step = position["step"]
+    for epoch in range(position["epoch"], config.train.epochs):
+        started, events, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        model.train()
+        for batch in iterate_batches(shard, config.train.batch_size, config.train.seed, epoch):
+            batch = batch.to(device, non_blocking=True)
+            loss_sum += train_step(model, batch, loss_fn, optimizers, generator, weights,
+                                   replicated_tables=world_size > 1, bf16=config.train.bf16)
+            events += batch.num_events
+            batches += 1
+            step += 1
+            if rank == 0 and step % config.train.log_every == 0:
+                logger.info("epoch %d step %d loss %.4f %.0f events/s", epoch, step,
+                            loss_sum / batches, events / (time.perf_counter() - started))
+            if config.train.max_steps and step >= config.train.max_steps:
+                break
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
+                   "events_per_second": events * world_size / seconds, "train_seconds": seconds,
+                   **_evaluate(model, prepared, config, rank, world_size)}
+        path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
+                          rank, world_size, prepared.vocab_hash, _barrier)
+        metrics["checkpoint"] = path
+        ray.train.report(metrics, checkpoint=_ray_checkpoint(path, config),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        if config.train.max_steps and step >= config.train.max_steps:
+            break
+
+
+def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world_size: int
+              ) -> dict[str, float]:
+    """TDM first-half/second-half on this rank's share of the test users, averaged over ranks."""
+    users = prepared.test_histories().slice(0)  # full table; each rank takes every world_size-th row
+    share = users.take(list(range(rank, users.num_rows, world_size)))
+    result = tdm_first_half(ModelRanker(model), share, k=200, ks=(20,), num_users=None,
+                            data_config=config.data, progress=False)
+    count = result.pop("count")
+    names = sorted(result)
+    totals = torch.tensor([result[name] * count for name in names] + [count], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _ray_checkpoint(uri: str, config: JobConfig) -> Checkpoint:
+    fs, path = pyarrow_filesystem(uri, config.storage.storage_options())
+    return Checkpoint(path=path, filesystem=fs)
+
+
+def _checkpoint_uri(checkpoint: Checkpoint) -> str:
+    path = checkpoint.path
+    if isinstance(checkpoint.filesystem, __import__("pyarrow").fs.LocalFileSystem):
+        return path
+    return f"s3://{path}"

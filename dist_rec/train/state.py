@@ -1,0 +1,72 @@
+"""Training state <-> checkpoint: what a rank saves and how it comes back, on any world size.
+
+Item tables (and their row-wise optimizer accumulators) are saved in the row-wise modulo layout:
+rank r of W writes global rows {i : i % W == r}. Replicated tables (`sharding: none`) are sliced
+that way on save and gathered whole on load, so one format serves every sharding and every world
+size. Rank 0 adds the dense state: encoder, dense optimizer, sampler generator, data position.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_rec import checkpoint
+from dist_rec.config import JobConfig
+from dist_rec.train.step import Optimizers
+
+
+def table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
+               rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """{name: (local rows, ...)} of this rank: every table tensor and its accumulator."""
+    rows: dict[str, torch.Tensor] = {}
+    for name, parameter in tables.named_parameters():
+        key = name.removesuffix(".weight")
+        rows[key] = parameter.detach()[rank::world_size].cpu()
+        rows[f"{key}.accumulator"] = sparse_optimizer.state[parameter]["sum"][rank::world_size].cpu()
+    return rows
+
+
+def load_table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
+                    rows: dict[str, torch.Tensor]) -> None:
+    """Inverse of `table_rows` for a rank that holds every row (world size 1 layout)."""
+    with torch.no_grad():
+        for name, parameter in tables.named_parameters():
+            key = name.removesuffix(".weight")
+            parameter.copy_(rows[key].to(parameter.device))
+            sparse_optimizer.state[parameter]["sum"].copy_(rows[f"{key}.accumulator"])
+
+
+def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: nn.Module,
+         optimizers: Optimizers, generator: torch.Generator, rank: int, world_size: int,
+         vocab_hash: str, barrier) -> str:
+    """Every rank writes its files, then (after `barrier()`) rank 0 commits the manifest."""
+    dense = None
+    if rank == 0:
+        dense = {"encoder": encoder.state_dict(), "dense_optimizer": optimizers.dense.state_dict(),
+                 "generator": generator.get_state(), "step": step, "epoch": epoch}
+    rows = table_rows(tables, optimizers.sparse, rank, world_size)
+    path = checkpoint.write_rank_files(config.storage, config.run_name, step, rank, world_size,
+                                       rows, dense)
+    barrier()
+    if rank == 0:
+        checkpoint.commit(config.storage, config.run_name, step, world_size, epoch=epoch,
+                          vocab_hash=vocab_hash, config=config.to_dict(redact=True))
+        checkpoint.prune(config.storage, config.run_name, config.storage.keep_last)
+    barrier()
+    return path
+
+
+def restore(config: JobConfig, path: str, encoder: nn.Module, tables: nn.Module,
+            optimizers: Optimizers, generator: torch.Generator, vocab_hash: str) -> dict[str, Any]:
+    """Load `path` (written on any world size) into this rank; returns {"step", "epoch"}."""
+    loaded = checkpoint.load_checkpoint(config.storage, path, 0, 1)
+    if loaded.manifest.get("vocab_hash") != vocab_hash:
+        raise ValueError(f"{path}: written for vocabulary {loaded.manifest.get('vocab_hash')}, "
+                         f"this run's vocabulary is {vocab_hash}")
+    load_table_rows(tables, optimizers.sparse, loaded.tables)
+    encoder.load_state_dict(loaded.dense["encoder"])
+    optimizers.dense.load_state_dict(loaded.dense["dense_optimizer"])
+    generator.set_state(loaded.dense["generator"])
+    return {"step": int(loaded.dense["step"]), "epoch": int(loaded.dense["epoch"])}
