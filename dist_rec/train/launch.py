@@ -14,6 +14,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dist_rec.checkpoint import latest_checkpoint
 from dist_rec.config import JobConfig
 from dist_rec.data.streaming import read_windows
 from dist_rec.storage import pyarrow_filesystem
@@ -55,9 +56,15 @@ def storage_path(config: JobConfig) -> tuple[str, Any]:
 def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
     """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result."""
     path, fs = storage_path(config)
+    # A new job resumes from the newest complete (checksum-verified) checkpoint of its run;
+    # retries inside this job get theirs from ray.train.get_checkpoint().
+    resume_from = latest_checkpoint(config.storage, config.run_name)
+    if resume_from:
+        logger.info("resuming %s from %s", config.run_name, resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": config.to_dict(), "prepared_uri": prepared_uri},
+        train_loop_config={"job": config.to_dict(), "prepared_uri": prepared_uri,
+                           "resume_from": resume_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker}),

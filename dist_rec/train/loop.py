@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -121,6 +122,6 @@ def _ray_checkpoint(uri: str, config: JobConfig) -> Checkpoint:
 
 def _checkpoint_uri(checkpoint: Checkpoint) -> str:
     path = checkpoint.path
-    if isinstance(checkpoint.filesystem, __import__("pyarrow").fs.LocalFileSystem):
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return path
     return f"s3://{path}"
