@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# The `s3_storage` fixture: a moto S3 server on 127.0.0.1 and a fresh bucket per test.
+pytest_plugins = ("tests.s3_server",)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -1,8 +1,6 @@
 """A real S3 API on 127.0.0.1 for tests: moto's ThreadedMotoServer, one per test process.
 
-In a test module (the fixture is found by its imported name):
-
-    from tests.s3_server import s3_storage  # noqa: F401
+tests/conftest.py registers this module as a pytest plugin, so any test can ask for it:
 
     def test_something(s3_storage):       # StorageConfig(uri="s3://<fresh bucket>/prefix", ...)
         fs, root = fsspec.core.url_to_fs(s3_storage.uri, **s3_storage.storage_options())

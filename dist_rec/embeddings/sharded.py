@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_rec.embeddings.table import ItemTables, best_of, top_columns
+
 
 class _Group:
     """The collectives a shard needs, with a count of the bytes this rank sends to other ranks."""
@@ -70,36 +72,32 @@ class _Group:
         self.bytes_sent += padded.numel() * padded.element_size() * (self.world - 1)
         return [part[:n] for part, n in zip(parts, sizes)]
 
-    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        """In-place sum (or `op`) over ranks; counted as a ring would send it: 2 (W-1)/W of it."""
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In place over ranks; counted as a ring would send it: 2 (W-1)/W of the tensor."""
         if self.world > 1:
-            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(tensor, op=op, group=self.group)
             self.bytes_sent += tensor.numel() * tensor.element_size() * 2 * (self.world - 1) // self.world
         return tensor
 
 
 class _Route:
-    """Where the unique ids of one lookup live, and the all-to-all split sizes both ways."""
+    """Who asks which rows of whom in one lookup: the all-to-all split sizes both ways."""
 
-    def __init__(self, group: _Group, unique: torch.Tensor):
+    def __init__(self, group: _Group, ids: torch.Tensor, owners: torch.Tensor):
+        """ids (U,) unique global ids grouped by owner rank, owners (U,) their ranks."""
         self.group = group
-        owners = unique % group.world
-        self.order = owners.argsort(stable=True)                       # ids grouped by owner
         self.send = torch.bincount(owners, minlength=group.world).tolist()
-        self.receive = group.exchange_counts(torch.tensor(self.send, device=unique.device))
-        self.requested = group.all_to_all(unique[self.order], self.send, self.receive)  # (R,) global
-        self.local = self.requested // group.world                     # (R,) rows of this shard
+        self.receive = group.exchange_counts(torch.tensor(self.send, device=ids.device))
+        self.requested = group.all_to_all(ids, self.send, self.receive)    # (R,) asked of this rank
+        self.local = self.requested // group.world                         # (R,) their local rows
 
     def reply(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (R, d) of the requested ids -> (U, d) rows of this rank's unique ids."""
-        received = self.group.all_to_all(rows, self.receive, self.send)
-        out = torch.empty_like(received)
-        out[self.order] = received
-        return out
+        """rows (R, d) of the requested ids -> (U, d) rows of this rank's ids."""
+        return self.group.all_to_all(rows, self.receive, self.send)
 
     def gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """grad (U, d) of this rank's unique ids -> (R, d) of the requested rows, averaged over ranks."""
-        return self.group.all_to_all(grad[self.order], self.send, self.receive) / self.group.world
+        """grad (U, d) of this rank's ids -> (R, d) of the requested rows, averaged over ranks."""
+        return self.group.all_to_all(grad, self.send, self.receive) / self.group.world
 
 
 class _Lookup(torch.autograd.Function):
@@ -109,7 +107,7 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx, route: _Route, padded: tuple[bool, ...], *weights: torch.Tensor) -> torch.Tensor:
         ctx.route, ctx.padded = route, padded
         ctx.shapes = [weight.shape for weight in weights]
-        return route.reply(torch.cat([weight[route.local] for weight in weights], 1))
+        return route.reply(torch.cat([weight.index_select(0, route.local) for weight in weights], 1))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -204,13 +202,17 @@ class ShardedItemTables(nn.Module):
     def _rows(self, items: torch.Tensor, weights: list[torch.Tensor],
               padded: tuple[bool, ...]) -> torch.Tensor:
         """items (...) -> the weights' rows concatenated (..., sum of widths), via the owners."""
-        # Popular items repeat a lot within a batch: each unique id travels once.
-        unique, inverse = torch.unique(items.reshape(-1), return_inverse=True)
-        if unique.numel() and not 0 <= unique[0] <= unique[-1] <= self.num_items:
-            raise ValueError(f"ShardedItemTables: item ids must be in [0, {self.num_items}], got "
-                             f"min {int(unique[0])} max {int(unique[-1])}")
-        rows = _Lookup.apply(_Route(self._group, unique), padded, *weights)
-        return rows[inverse].reshape(*items.shape, rows.shape[1])
+        ids, rows, world = items.reshape(-1), self.num_items + 1, self._group.world
+        if ids.numel():
+            low, high = torch.aminmax(ids)
+            if low < 0 or high >= rows:
+                raise ValueError(f"ShardedItemTables: item ids must be in [0, {self.num_items}], "
+                                 f"got min {int(low)} max {int(high)}")
+        # Popular items repeat a lot within a batch: each unique id travels once. Sorting by
+        # (owner, id) keys puts the unique ids in the order the all-to-all sends them.
+        keys, inverse = torch.unique(ids % world * rows + ids, return_inverse=True)
+        vectors = _Lookup.apply(_Route(self._group, keys % rows, keys // rows), padded, *weights)
+        return vectors.index_select(0, inverse).reshape(*items.shape, vectors.shape[1])
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
         """items (...) int64 -> input vectors (..., E); padding rows are zero."""
@@ -237,9 +239,11 @@ class ShardedItemTables(nn.Module):
         """Full-catalog top-k of this rank's queries; a collective.
 
         hidden (N, D) -> (scores (N, k), item ids (N, k)), best first; equal scores rank by
-        increasing item id. `exclude` (N, M) ids (0 = none) are never returned; slots with no
+        increasing item id (ItemTables.topk leaves ties to torch.topk: the same ids wherever
+        scores differ). `exclude` (N, M) ids (0 = none) are never returned; slots with no
         candidate left (k > items not excluded) hold item 0 with score -inf. Every rank scores
-        every rank's queries against its own rows; the W local top-k lists are then merged.
+        all ranks' queries (W times N rows: bound N) against its rows; the W local top-k lists
+        are then merged.
         """
         group = self._group
         queries = group.all_gather(hidden)
@@ -251,19 +255,19 @@ class ShardedItemTables(nn.Module):
         excluded = torch.cat(group.all_gather(nn.functional.pad(exclude, (0, width - exclude.shape[1]))))
         ours = (excluded > 0) & (excluded % group.world == group.rank)
         local_excluded = torch.where(ours, excluded // group.world, -1)       # (Q, M) local rows
+        query_rows = torch.arange(len(everything), device=hidden.device).unsqueeze(1).expand_as(excluded)
         weight, bias = self._output_table().weight, self.bias.weight[:, 0]
         best_scores = everything.new_full((everything.shape[0], k), float("-inf"))
         best_items = torch.zeros(everything.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start, stop in self._chunks(chunk_rows):
             scores = torch.addmm(bias[start:stop], everything, weight[start:stop].t())
             inside = (local_excluded >= start) & (local_excluded < stop)
-            queries_index = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
-            scores[queries_index.expand_as(inside)[inside], local_excluded[inside] - start] = float("-inf")
-            index = _top_columns(scores, min(k, stop - start))
+            scores[query_rows[inside], local_excluded[inside] - start] = float("-inf")
+            index = top_columns(scores, min(k, stop - start))
             items = (index + start) * group.world + group.rank
-            best_scores, best_items = _best(torch.cat([best_scores, scores.gather(1, index)], 1),
+            best_scores, best_items = best_of(torch.cat([best_scores, scores.gather(1, index)], 1),
                                             torch.cat([best_items, items], 1), k)
-        best_scores, best_items = _best(torch.cat(group.all_gather(best_scores), 1),
+        best_scores, best_items = best_of(torch.cat(group.all_gather(best_scores), 1),
                                         torch.cat(group.all_gather(best_items), 1), k)
         mine = self._own_slice(queries)
         return best_scores[mine], best_items[mine]
@@ -308,7 +312,7 @@ class ShardedItemTables(nn.Module):
         return slice(start, start + len(queries[self._group.rank]))
 
     @classmethod
-    def from_full(cls, tables: nn.Module, process_group=None) -> "ShardedItemTables":
+    def from_full(cls, tables: ItemTables, process_group=None) -> ShardedItemTables:
         """This rank's shard of single-device ItemTables (every rank passes the same tables)."""
         output_dim = (tables.input if tables.output is None else tables.output).weight.shape[1]
         sharded = cls(tables.num_items, tables.input.weight.shape[1], output_dim, tables.tied,
@@ -323,14 +327,15 @@ class ShardedItemTables(nn.Module):
         """Copy this rank's rows in: {"input", "output" (untied only), "bias"} -> (local rows, ...),
         e.g. checkpoint.load_checkpoint(storage, path, rank, world_size).tables. Other keys (the
         optimizer accumulators) are left to the caller."""
-        for name, parameter in self.named_parameters():
-            key = name.removesuffix(".weight")
+        tables = {name.removesuffix(".weight"): parameter for name, parameter in self.named_parameters()}
+        for key, parameter in tables.items():  # all checked before any is copied
             if key not in rows:
                 raise KeyError(f"ShardedItemTables.load_rows: no rows for table {key!r}; "
                                f"got {sorted(rows)}")
             if rows[key].shape != parameter.shape:
                 raise ValueError(f"ShardedItemTables.load_rows: table {key!r} of rank {self.rank} "
                                  f"needs shape {tuple(parameter.shape)}, got {tuple(rows[key].shape)}")
+        for key, parameter in tables.items():
             parameter.copy_(rows[key])
 
     @torch.no_grad()
@@ -340,26 +345,3 @@ class ShardedItemTables(nn.Module):
         return {name.removesuffix(".weight"): _interleave(self._group.all_gather(parameter),
                                                           self.num_items + 1)
                 for name, parameter in self.named_parameters()}
-
-
-def _top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores (Q, M) -> column indices (Q, k) of the k best; ties at the cut go to lower columns."""
-    values, index = scores.topk(k, dim=1, sorted=False)
-    kth = values.min(1, keepdim=True).values
-    # torch.topk keeps any of the columns tied with the k-th best; rows where it had a choice
-    # (rare with real scores) are redone to keep the lowest columns, so the result is unique.
-    ties = ((scores == kth).sum(1) > (values == kth).sum(1)).nonzero().squeeze(1)
-    if len(ties):
-        row_scores, row_kth = scores[ties], kth[ties]
-        above, equal = row_scores > row_kth, row_scores == row_kth
-        room = k - above.sum(1, keepdim=True)
-        index[ties] = (above | (equal & (equal.cumsum(1) <= room))).nonzero()[:, 1].view(-1, k)
-    return index
-
-
-def _best(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, M) scores and their item ids -> the k best (Q, k): score descending, then id ascending."""
-    by_item = items.argsort(dim=1, stable=True)
-    scores, items = scores.gather(1, by_item), items.gather(1, by_item)
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return scores.gather(1, order), items.gather(1, order)

@@ -50,7 +50,8 @@ class ItemTables(nn.Module):
              exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-catalog top-k without materialising (N, catalog) scores.
 
-        hidden (N, D) -> (scores (N, k), item ids (N, k)), best first. `exclude` (N, M) item ids
+        hidden (N, D) -> (scores (N, k), item ids (N, k)), best first, equal scores by lower id
+        (the same order on sharded tables). `exclude` (N, M) item ids
         (0 = none) are pushed to -inf, e.g. items already seen.
         """
         weight, bias = self.output_weight()
@@ -66,11 +67,9 @@ class ItemTables(nn.Module):
                 scores[rows[valid], local[valid]] = float("-inf")
             # Top-k of the chunk first, then merge with the running best: merging whole chunks
             # cost twice the matmul itself.
-            chunk_scores, chunk_index = scores.topk(min(k, stop - start), dim=1)
-            merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
-            merged_items = torch.cat([best_items, chunk_index + start], dim=1)
-            best_scores, index = merged_scores.topk(k, dim=1)
-            best_items = merged_items.gather(1, index)
+            columns = top_columns(scores, min(k, stop - start))
+            best_scores, best_items = best_of(torch.cat([best_scores, scores.gather(1, columns)], 1),
+                                              torch.cat([best_items, columns + start], 1), k)
         return best_scores, best_items
 
     @torch.no_grad()
@@ -92,3 +91,26 @@ class ItemTables(nn.Module):
             scores[inside.nonzero().squeeze(1), targets[inside] - start] = target_scores[inside]
             ranks += (scores >= target_scores.unsqueeze(1)).sum(1)
         return ranks - 1  # minus the target itself
+
+
+def top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (Q, M) -> column indices (Q, k) of the k best; ties at the cut go to lower columns."""
+    values, index = scores.topk(k, dim=1, sorted=False)
+    kth = values.min(1, keepdim=True).values
+    # torch.topk keeps any of the columns tied with the k-th best; rows where it had a choice
+    # (rare with real scores) are redone to keep the lowest columns, so the result is unique.
+    ties = ((scores == kth).sum(1) > (values == kth).sum(1)).nonzero().squeeze(1)
+    if len(ties):
+        row_scores, row_kth = scores[ties], kth[ties]
+        above, equal = row_scores > row_kth, row_scores == row_kth
+        room = k - above.sum(1, keepdim=True)
+        index[ties] = (above | (equal & (equal.cumsum(1) <= room))).nonzero()[:, 1].view(-1, k)
+    return index
+
+
+def best_of(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, M) scores and their item ids -> the k best (Q, k): score descending, then id ascending."""
+    by_item = items.argsort(dim=1, stable=True)
+    scores, items = scores.gather(1, by_item), items.gather(1, by_item)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), items.gather(1, order)

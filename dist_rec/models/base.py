@@ -16,6 +16,7 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
+from dist_rec.embeddings.sharded import ShardedItemTables
 from dist_rec.embeddings.table import ItemTables
 
 
@@ -81,13 +82,22 @@ class NextItemModel(nn.Module):
         return list(self.tables.parameters())
 
 
-def build_model(config: ModelConfig, dims: Dimensions) -> NextItemModel:
-    """Build the encoder named by `config.name` and single-device item tables for it."""
+def build_model(config: ModelConfig, dims: Dimensions, sharding: str = "none",
+                seed: int = 0) -> NextItemModel:
+    """Build the encoder named by `config.name` and item tables for it: the one place where
+    sharding is chosen. "row" splits the tables over the default process group (call it after
+    torch.distributed is initialised); `seed` seeds the sharded tables' rows."""
     import dist_rec.models  # noqa: F401  (importing the package registers every model)
 
     if config.name not in _REGISTRY:
         raise ValueError(f"unknown model {config.name!r}; known: {registered_models()}")
     encoder = _REGISTRY[config.name](config, dims)
-    tables = ItemTables(dims.num_items, config.embedding_dim, config.hidden_dim,
-                        tied=config.tied_embeddings)
+    if sharding == "row":
+        tables = ShardedItemTables(dims.num_items, config.embedding_dim, config.hidden_dim,
+                                   tied=config.tied_embeddings, seed=seed)
+    elif sharding == "none":
+        tables = ItemTables(dims.num_items, config.embedding_dim, config.hidden_dim,
+                            tied=config.tied_embeddings)
+    else:
+        raise ValueError(f"TrainConfig.sharding: unknown {sharding!r}; known: 'none', 'row'")
     return NextItemModel(tables, encoder)

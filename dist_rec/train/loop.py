@@ -41,8 +41,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     prepared = PreparedData.load(loop_config["prepared_uri"], config.storage.storage_options())
 
-    torch.manual_seed(config.train.seed)      # identical initial tables on every rank
-    model = build_model(config.model, prepared.dimensions).to(device)
+    torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
+    model = build_model(config.model, prepared.dimensions, config.train.sharding,
+                        config.train.seed).to(device)
+    sharded = config.train.sharding == "row"
     loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
     # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
     type_codes = torch.arange(len(config.data.event_types) + 1, device=device)
@@ -73,7 +75,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in iterate_batches(shard, config.train.batch_size, config.train.seed, epoch):
             batch = batch.to(device, non_blocking=True)
             loss_sum += train_step(model, batch, loss_fn, optimizers, generator, weights,
-                                   replicated_tables=world_size > 1, bf16=config.train.bf16)
+                                   replicated_tables=world_size > 1 and not sharded,
+                                   bf16=config.train.bf16)
             events += batch.num_events
             batches += 1
             step += 1
@@ -85,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
-                   **_evaluate(model, prepared, config, rank, world_size)}
+                   **_evaluate(model, prepared, config, rank, world_size, sharded)}
         path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
                           rank, world_size, prepared.vocab_hash, _barrier)
         metrics["checkpoint"] = path
@@ -95,18 +98,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
 
 
-def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world_size: int
-              ) -> dict[str, float]:
-    """TDM first-half/second-half on this rank's share of the test users, averaged over ranks."""
-    users = prepared.test_histories().slice(0)  # full table; each rank takes every world_size-th row
-    share = users.take(list(range(rank, users.num_rows, world_size)))
-    result = tdm_first_half(ModelRanker(model), share, k=200, ks=(20,), num_users=None,
+def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world_size: int,
+              sharded: bool) -> dict[str, float]:
+    """TDM first-half/second-half on the test users.
+
+    Replicated tables: each rank ranks its share of the users and the sums are all-reduced.
+    Sharded tables: ranking is a collective (each shard scores its rows for every rank's queries),
+    so every rank passes all users, the same batches in the same order, and gets the same result.
+    """
+    users = prepared.test_histories()
+    if not sharded:
+        users = users.take(list(range(rank, users.num_rows, world_size)))
+    result = tdm_first_half(ModelRanker(model), users, k=200, ks=(20,), num_users=None,
                             data_config=config.data, progress=False)
     count = result.pop("count")
+    if sharded or world_size == 1:
+        return result
     names = sorted(result)
     totals = torch.tensor([result[name] * count for name in names] + [count], dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(totals)
+    dist.all_reduce(totals)
     return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
 
 

@@ -14,23 +14,28 @@ from torch import nn
 
 from dist_rec import checkpoint
 from dist_rec.config import JobConfig
+from dist_rec.embeddings.sharded import ShardedItemTables
 from dist_rec.train.step import Optimizers
 
 
 def table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
                rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """{name: (local rows, ...)} of this rank: every table tensor and its accumulator."""
+    """{name: (local rows, ...)} of this rank: every table tensor and its accumulator.
+
+    Sharded tables already hold exactly this rank's rows; replicated ones are sliced.
+    """
+    local = slice(None) if isinstance(tables, ShardedItemTables) else slice(rank, None, world_size)
     rows: dict[str, torch.Tensor] = {}
     for name, parameter in tables.named_parameters():
         key = name.removesuffix(".weight")
-        rows[key] = parameter.detach()[rank::world_size].cpu()
-        rows[f"{key}.accumulator"] = sparse_optimizer.state[parameter]["sum"][rank::world_size].cpu()
+        rows[key] = parameter.detach()[local].cpu()
+        rows[f"{key}.accumulator"] = sparse_optimizer.state[parameter]["sum"][local].cpu()
     return rows
 
 
 def load_table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
                     rows: dict[str, torch.Tensor]) -> None:
-    """Inverse of `table_rows` for a rank that holds every row (world size 1 layout)."""
+    """Load `rows` shaped like this rank's tables (all rows, or its shard's rows)."""
     with torch.no_grad():
         for name, parameter in tables.named_parameters():
             key = name.removesuffix(".weight")
@@ -60,8 +65,14 @@ def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: n
 
 def restore(config: JobConfig, path: str, encoder: nn.Module, tables: nn.Module,
             optimizers: Optimizers, generator: torch.Generator, vocab_hash: str) -> dict[str, Any]:
-    """Load `path` (written on any world size) into this rank; returns {"step", "epoch"}."""
-    loaded = checkpoint.load_checkpoint(config.storage, path, 0, 1)
+    """Load `path` (written on any world size) into this rank; returns {"step", "epoch"}.
+
+    Sharded tables get their modulo rows resharded from whatever world size wrote them;
+    replicated tables get every row.
+    """
+    rank, world_size = ((tables.rank, tables.world_size) if isinstance(tables, ShardedItemTables)
+                        else (0, 1))
+    loaded = checkpoint.load_checkpoint(config.storage, path, rank, world_size)
     if loaded.manifest.get("vocab_hash") != vocab_hash:
         raise ValueError(f"{path}: written for vocabulary {loaded.manifest.get('vocab_hash')}, "
                          f"this run's vocabulary is {vocab_hash}")

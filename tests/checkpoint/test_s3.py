@@ -12,7 +12,7 @@ from dist_rec.checkpoint import (commit, gather_full_table, latest_checkpoint, l
                                  load_checkpoint, prune, read_checkpoint_file, read_manifest,
                                  save_checkpoint, write_rank_files)
 from dist_rec.config import JobConfig
-from tests.s3_server import FAKE_KEY, FAKE_SECRET, s3_storage  # noqa: F401  (fixture)
+from tests.s3_server import FAKE_KEY, FAKE_SECRET
 
 pytestmark = pytest.mark.s3
 RUN = "run"

@@ -15,7 +15,6 @@ from dist_rec.config import DataConfig
 from dist_rec.data import readers
 from dist_rec.data.readers import read_events, read_sessions, read_user_behavior, read_user_item
 from dist_rec.data.schema import EventValidationError, event_schema, event_type_codes
-from tests.s3_server import s3_storage  # noqa: F401  (fixture)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 

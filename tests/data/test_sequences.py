@@ -15,7 +15,6 @@ from dist_rec.data.schema import event_table
 from dist_rec.data.sequences import (build_histories, build_windows, delta_bucket, history_batch,
                                      session_starts, windows_to_batch, write_window_shards)
 from dist_rec.data.vocab import Vocabulary
-from tests.s3_server import s3_storage  # noqa: F401  (fixture)
 
 CONFIG = DataConfig(session_gap_seconds=100, window_length=4, num_delta_buckets=32)
 

@@ -18,7 +18,6 @@ from dist_rec.data.schema import event_schema, event_type_codes
 from dist_rec.data import synthetic
 from dist_rec.data.synthetic import (SyntheticConfig, add_arguments, generate_events, run_from_args,
                                      write_hourly_parquet, write_user_behavior_csv)
-from tests.s3_server import s3_storage  # noqa: F401
 
 CONFIG = SyntheticConfig(seed=0, num_users=2_000, num_items=100_000, num_categories=500,
                          num_events=200_000)

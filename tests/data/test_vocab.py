@@ -10,7 +10,6 @@ import pytest
 from dist_rec.config import DataConfig
 from dist_rec.data.schema import event_table
 from dist_rec.data.vocab import IdMap, Vocabulary
-from tests.s3_server import s3_storage  # noqa: F401  (fixture)
 
 
 def events(users: list[int], items: list[int]):
