@@ -109,7 +109,7 @@ def _put(raw: dict[str, Any], path: str, value: Any) -> None:
     raw[name] = value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from dist_rec.data import synthetic
     from dist_rec.train import pipeline
 
@@ -124,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="prepare, train on Ray, evaluate (TDM p@200/r@200) against MostPop",
         description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(train)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    from dist_rec.data import synthetic
+    from dist_rec.train import pipeline
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         synthetic.run_from_args(args)

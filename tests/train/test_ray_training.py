@@ -1,50 +1,61 @@
-"""A 2-worker Ray Train run on a local Ray: completes, checkpoints, and a new job resumes from it."""
+"""The main job's path (`jobs/taobao_hrnn.py --smoke-test`) on a local Ray with 2 workers:
+it trains, evaluates, checkpoints, and a new job with more epochs resumes from the checkpoint."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from dist_rec import checkpoint
-from dist_rec.config import JobConfig
-from dist_rec.data import synthetic
-from dist_rec.data.prepare import prepare
-from dist_rec.train.launch import run_training
+from dist_rec.cli import build_parser, config_from_args
+from dist_rec.train import pipeline
 
 pytestmark = pytest.mark.ray
 
 
-def test_two_workers_train_checkpoint_and_resume(ray_cluster, tmp_path):
-    events = synthetic.generate_events(
-        synthetic.SyntheticConfig(num_users=600, num_items=2_000, num_categories=20,
-                                  num_events=20_000), progress=False)
-    synthetic.write_user_behavior_csv(events, str(tmp_path / "UserBehavior.csv"))
-    config = JobConfig().replace(
-        data={"events_uri": str(tmp_path / "UserBehavior.csv"), "work_dir": str(tmp_path / "data")},
-        model={"hidden_dim": 16, "embedding_dim": 16},
-        sampler={"num_negatives": 128},
-        train={"num_workers": 2, "epochs": 1, "batch_size": 64},
-        storage={"uri": str(tmp_path / "runs"), "keep_last": 5}, run_name="ray_test")
-    prepared = prepare(config.data, str(tmp_path / "prepared"), test_users=60, seed=0)
+def smoke_job(tmp_path, *extra: str) -> pipeline.JobSpec:
+    args = build_parser().parse_args(["train", "--smoke-test", "--work-dir", str(tmp_path / "data"),
+                                      "--storage", str(tmp_path / "runs"), *extra])
+    return pipeline.JobSpec.from_args(args, config_from_args)
 
-    first = run_training(config, prepared.uri, max_failures=0)
-    assert first.error is None
-    assert first.metrics["epoch"] == 1
-    assert 0 < first.metrics["recall@200"] <= 1
-    path = first.metrics["checkpoint"]
-    manifest = checkpoint.read_manifest(config.storage, path)
+
+def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
+    job = smoke_job(tmp_path)
+    assert job.config.train.num_workers == 2 and job.config.model.name == "hrnn"
+    first = pipeline.run(job)
+    metrics = first["metrics"]
+    assert metrics["epoch"] == 1
+    for name in ("precision@200", "recall@200", "hr@20", "ndcg@20"):
+        assert 0 < metrics[name] <= 1
+        assert 0 < first["most_pop"][name] <= 1
+    manifest = checkpoint.read_manifest(job.config.storage, first["checkpoint"])
     assert manifest["world_size"] == 2
-    assert manifest["num_rows"] == prepared.dimensions.num_items + 1
-    assert manifest["vocab_hash"] == prepared.vocab_hash
+    assert manifest["num_rows"] == first["items"] + 1
+    printed = pipeline.format_summary(first)
+    assert "r@200 vs MostPop" in printed and first["checkpoint"] in printed
 
     # A new job with 2 epochs finds the 1-epoch checkpoint and trains only the second epoch.
-    second = run_training(config.replace(train={"epochs": 2}), prepared.uri, max_failures=0)
-    assert second.error is None
-    assert second.metrics["epoch"] == 2
-    assert second.metrics["step"] == 2 * first.metrics["step"]
-    assert checkpoint.latest_checkpoint(config.storage, "ray_test") == second.metrics["checkpoint"]
-
-    # The 2-worker checkpoint gathers on one process, and training moved the tables.
-    before = checkpoint.gather_full_table(config.storage, path)
-    after = checkpoint.gather_full_table(config.storage, second.metrics["checkpoint"])
-    assert before["input"].shape == (prepared.dimensions.num_items + 1, 16)
+    second = pipeline.run(smoke_job(tmp_path, "--epochs", "2"))
+    assert second["metrics"]["epoch"] == 2
+    assert second["metrics"]["step"] == 2 * metrics["step"]
+    assert checkpoint.latest_checkpoint(job.config.storage, "smoke") == second["checkpoint"]
+    before = checkpoint.gather_full_table(job.config.storage, first["checkpoint"])
+    after = checkpoint.gather_full_table(job.config.storage, second["checkpoint"])
     assert not torch.equal(before["input"], after["input"])
+
+
+def test_cli_config_round_trip(tmp_path, capsys):
+    from dist_rec.cli import main
+
+    assert main(["train", "--smoke-test", "--set", "data.session_gap_seconds=600",
+                 "--hidden", "48", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["data"]["session_gap_seconds"] == 600
+    assert printed["model"]["hidden_dim"] == 48
+    assert printed["run_name"] == "smoke"
+    (tmp_path / "run.json").write_text(json.dumps(printed))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == printed
+    with pytest.raises(SystemExit):
+        main(["train", "--set", "train.no_such_field=1", "--print-config"])
