@@ -63,6 +63,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  generator, prepared.vocab_hash)
         logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,
                     position["epoch"], position["step"])
+        if position["item_counts"] is not None:
+            loss_fn.update_counts(position["item_counts"].numpy())
     encoder = model.encoder
     if world_size > 1:
         model.encoder = DistributedDataParallel(encoder)
@@ -81,7 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches += 1
             step += 1
             if rank == 0 and step % config.train.log_every == 0:
-                logger.info("epoch %d step %d loss %.4f %.0f events/s", epoch, step,
+                logger.info("epoch %d step %d loss %.4f, %.0f events/s on rank 0", epoch, step,
                             loss_sum / batches, events / (time.perf_counter() - started))
             if config.train.max_steps and step >= config.train.max_steps:
                 break
@@ -90,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
                    **_evaluate(model, prepared, config, rank, world_size, sharded)}
         path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
-                          rank, world_size, prepared.vocab_hash, _barrier)
+                          rank, world_size, prepared.vocab_hash, _barrier, prepared.item_counts)
         metrics["checkpoint"] = path
         ray.train.report(metrics, checkpoint=_ray_checkpoint(path, config),
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)

@@ -45,12 +45,17 @@ def load_table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
 
 def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: nn.Module,
          optimizers: Optimizers, generator: torch.Generator, rank: int, world_size: int,
-         vocab_hash: str, barrier) -> str:
-    """Every rank writes its files, then (after `barrier()`) rank 0 commits the manifest."""
+         vocab_hash: str, barrier, item_counts=None) -> str:
+    """Every rank writes its files, then (after `barrier()`) rank 0 commits the manifest.
+
+    item_counts (num_items + 1,): the sampler's counts, so a resumed run draws from the same q.
+    """
     dense = None
     if rank == 0:
         dense = {"encoder": encoder.state_dict(), "dense_optimizer": optimizers.dense.state_dict(),
                  "generator": generator.get_state(), "step": step, "epoch": epoch}
+        if item_counts is not None:
+            dense["item_counts"] = torch.as_tensor(item_counts)
     rows = table_rows(tables, optimizers.sparse, rank, world_size)
     path = checkpoint.write_rank_files(config.storage, config.run_name, step, rank, world_size,
                                        rows, dense)
@@ -65,7 +70,9 @@ def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: n
 
 def restore(config: JobConfig, path: str, encoder: nn.Module, tables: nn.Module,
             optimizers: Optimizers, generator: torch.Generator, vocab_hash: str) -> dict[str, Any]:
-    """Load `path` (written on any world size) into this rank; returns {"step", "epoch"}.
+    """Load `path` (written on any world size) into this rank.
+
+    Returns {"step", "epoch", "item_counts" (the sampler's counts, or None if not saved)}.
 
     Sharded tables get their modulo rows resharded from whatever world size wrote them;
     replicated tables get every row.
@@ -80,4 +87,5 @@ def restore(config: JobConfig, path: str, encoder: nn.Module, tables: nn.Module,
     encoder.load_state_dict(loaded.dense["encoder"])
     optimizers.dense.load_state_dict(loaded.dense["dense_optimizer"])
     generator.set_state(loaded.dense["generator"])
-    return {"step": int(loaded.dense["step"]), "epoch": int(loaded.dense["epoch"])}
+    return {"step": int(loaded.dense["step"]), "epoch": int(loaded.dense["epoch"]),
+            "item_counts": loaded.dense.get("item_counts")}

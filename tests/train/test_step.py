@@ -77,15 +77,18 @@ def test_resumed_equals_uninterrupted(tmp_path, loss):
 
     first, loss_fn, first_optimizers, first_generator = parts(seed=3, loss=loss)
     before = [train_step(first, b, loss_fn, first_optimizers, first_generator) for b in batches[:3]]
+    counts = np.r_[0, np.arange(1, NUM_ITEMS + 1)]
     path = state.save(config, 3, 0, first.encoder, first.tables, first_optimizers,
-                      first_generator, rank=0, world_size=1, vocab_hash="v", barrier=lambda: None)
+                      first_generator, rank=0, world_size=1, vocab_hash="v", barrier=lambda: None,
+                      item_counts=counts)
     resumed, loss_fn, resumed_optimizers, resumed_generator = parts(seed=99, loss=loss)
     position = state.restore(config, path, resumed.encoder, resumed.tables, resumed_optimizers,
                              resumed_generator, vocab_hash="v")
     after = [train_step(resumed, b, loss_fn, resumed_optimizers, resumed_generator)
              for b in batches[3:]]
 
-    assert position == {"step": 3, "epoch": 0}
+    assert (position["step"], position["epoch"]) == (3, 0)
+    assert np.array_equal(position["item_counts"].numpy(), counts)
     assert before + after == straight
     for (name, expected), actual in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(expected, actual), name
