@@ -57,14 +57,19 @@ def make_batch(step: int, rows: int = 2 * ROWS_PER_RANK) -> SequenceBatch:
                          users=torch.randint(1, DIMS.num_users + 1, (rows,), generator=generator))
 
 
+def item_counts(seed: int) -> np.ndarray:
+    """(N+1,) Zipf-like counts for the sampler; row 0 = padding."""
+    counts = np.random.default_rng(seed).zipf(1.5, NUM_ITEMS + 1).clip(max=1000)
+    counts[0] = 0
+    return counts
+
+
 def parts(seed: int, sharding: str):
     torch.manual_seed(seed)                        # the encoder's initial weights
     model = build_model(MODEL, DIMS, sharding, seed)
-    counts = np.random.default_rng(0).zipf(1.5, NUM_ITEMS + 1).clip(max=1000)
-    counts[0] = 0
     optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=0.01),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
-    return model, build_loss(SAMPLER, counts), optimizers, torch.Generator().manual_seed(seed)
+    return model, build_loss(SAMPLER, item_counts(seed)), optimizers, torch.Generator().manual_seed(seed)
 
 
 def scores(model, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -97,7 +102,8 @@ def _worker(rank: int, world: int, storage: StorageConfig, directory: str, stage
 
 def _train(rank: int, world: int, storage: StorageConfig, stage: str) -> dict:
     """train-straight: steps 0..5 then checkpoint; train-stopped: 0..2 then checkpoint;
-    train-resumed: restore the newest "stopped" checkpoint from S3, then steps 3..5."""
+    train-resumed: restore the newest "stopped" checkpoint from S3 (sampler counts included, as
+    train/loop.py does), then steps 3..5."""
     resumed = stage == "train-resumed"
     model, loss_fn, optimizers, generator = parts(OTHER_SEED if resumed else SEED, "row")
     encoder, first, last = model.encoder, 0, TOTAL_STEPS
@@ -106,6 +112,7 @@ def _train(rank: int, world: int, storage: StorageConfig, stage: str) -> dict:
         path = checkpoint.latest_checkpoint(storage, "stopped")
         result["restored"] = state.restore(job(storage, "stopped"), path, encoder, model.tables,
                                            optimizers, generator, VOCAB)
+        loss_fn.update_counts(result["restored"]["item_counts"].numpy())
         first = result["restored"]["step"]
     elif stage == "train-stopped":
         last = STOP_AT
@@ -116,7 +123,7 @@ def _train(rank: int, world: int, storage: StorageConfig, stage: str) -> dict:
     if not resumed:
         run = stage.removeprefix("train-")
         state.save(job(storage, run), last, 0, encoder, model.tables, optimizers, generator,
-                   rank, world, VOCAB, dist.barrier)
+                   rank, world, VOCAB, dist.barrier, item_counts(SEED))
     result.update(_state(model.tables, encoder, optimizers))
     if stage == "train-straight":
         result["scores"] = scores(model, rank, world)
@@ -188,7 +195,9 @@ def test_resume_from_s3_equals_uninterrupted_run(runs):
 
     # Same ranks, same thread count, same reduction order: resuming changes no bit.
     for rank in range(2):
-        assert resumed[rank]["restored"] == {"step": STOP_AT, "epoch": 0}
+        restored = resumed[rank]["restored"]
+        assert (restored["step"], restored["epoch"]) == (STOP_AT, 0)
+        assert torch.equal(restored["item_counts"], torch.as_tensor(item_counts(SEED)))
         assert stopped[rank]["losses"] + resumed[rank]["losses"] == straight[rank]["losses"]
         exact(resumed[rank]["encoder"], straight[rank]["encoder"])
         exact(resumed[rank]["adam"], straight[rank]["adam"])
