@@ -1,0 +1,441 @@
+"""Reproduce the papers' numbers on the two real data sets, in one process (no Ray).
+
+    python benchmarks/reproduce.py --dataset all --seeds 1 --max-minutes 20 --write-docs
+    python benchmarks/reproduce.py --quick                      # a tiny slice: checks the plumbing
+
+YooChoose (DynamicRec protocol): sessions split 70/10/20 at random by seed; train on every position
+of the training sessions; test = last item of each test session given the rest, full ranking,
+HR/NDCG@10/20; model selection and early stop on valid MRR@10. The same test sessions are also
+scored every position (GRU4Rec protocol: Recall@20, MRR@20).
+Amazon Games (SASRec protocol): leave-one-out per user; train on the train part (each user's last
+51 events at most); test = last item given the rest, 100 sampled negatives and full ranking;
+selection on valid sampled NDCG@10.
+
+Prints one JSON line per (dataset, model, loss, seed) and appends it to --results (JSONL);
+--write-docs renders every recorded line into docs/results.md between its result markers (the
+hand-written notes around them are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_rec.batch import SequenceBatch
+from dist_rec.config import DataConfig, ModelConfig, SamplerConfig
+from dist_rec.data.readers import read_sessions, read_user_item
+from dist_rec.data.sequences import history_batch
+from dist_rec.embeddings.optim import RowWiseAdagrad
+from dist_rec.evaluation.protocols import (Histories, ModelRanker, session_every_position,
+                                           session_last_item, split_leave_one_out,
+                                           user_leave_one_out)
+from dist_rec.losses import build_loss
+from dist_rec.models import Dimensions, build_model, caser, convrec, dynamicrec, sasrec
+from dist_rec.models.baselines import most_pop
+from dist_rec.train.step import Optimizers, train_step
+
+log = logging.getLogger("reproduce")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+FILES = {"yoochoose": DATA / "yoochoose_sessions.csv",
+         "amazon": DATA / "amazon_games_user_item.txt"}
+MODELS = {"yoochoose": ("mostpop", "gru4rec", "hrnn", "sasrec", "dynamicrec", "convrec", "caser"),
+          "amazon": ("mostpop", "gru4rec", "hrnn", "user_gru", "sasrec", "dynamicrec", "convrec",
+                     "caser")}
+QUICK = {"yoochoose": 4000, "amazon": 3000}   # sessions / users kept by --quick
+DATA_CONFIG = DataConfig(strict=True)         # a bad row raises, naming file and line
+# One table per protocol: (title, data set, metric columns (header, record section, key), header
+# of the published figures, {model: (published name, figures)}). Published: DynamicRec (CIKM 2020)
+# Table 2; the official GRU4Rec as measured on this project's 70/10/20 split, 10 epochs (the
+# issue); SASRec (ICDM 2018) and ConvRec papers; popularity from the data README.
+TABLES = (
+    ("YooChoose buys, DynamicRec protocol (test: last item, full ranking)", "yoochoose",
+     (("HR@10", "test", "hr@10"), ("HR@20", "test", "hr@20"), ("NDCG@10", "test", "ndcg@10"),
+      ("NDCG@20", "test", "ndcg@20")), "published HR@10 / HR@20 / NDCG@10 / NDCG@20",
+     {"mostpop": ("MostPop", (0.0326, 0.0566, 0.0150, 0.0199)),
+      "gru4rec": ("GRU4Rec+", (0.4269, 0.5143, 0.1954, 0.2170)),
+      "sasrec": ("SASRec", (0.3854, 0.4974, 0.2079, 0.2363)),
+      "dynamicrec": ("DynamicRec", (0.4685, 0.5549, 0.2310, 0.2554))}),
+    ("YooChoose buys, GRU4Rec protocol (test sessions, every position, full ranking)", "yoochoose",
+     (("Recall@20", "every_position", "recall@20"), ("MRR@20", "every_position", "mrr@20")),
+     "published Recall@20 / MRR@20", {"gru4rec": ("official GRU4Rec, 10 epochs", (0.463, 0.190))}),
+    ("Amazon Games, SASRec protocol (leave-one-out; 100 sampled negatives, and full ranking)",
+     "amazon",
+     (("sampled HR@10", "test", "sampled_hr@10"), ("sampled NDCG@10", "test", "sampled_ndcg@10"),
+      ("full HR@10", "test", "full_hr@10"), ("full NDCG@10", "test", "full_ndcg@10"),
+      ("full HR@20", "test", "full_hr@20")), "published sampled HR@10 / NDCG@10",
+     {"mostpop": ("popularity (≈)", (0.47, 0.28)), "sasrec": ("SASRec", (0.7410, 0.5360)),
+      "convrec": ("ConvRec", (0.7361, 0.5379))}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A model's configuration and how it trains on one data set."""
+
+    config: ModelConfig
+    batch_size: int = 128
+    dense_lr: float = 1e-3      # Adam on the encoder (the papers' lr)
+    sparse_lr: float = 0.05     # row-wise Adagrad on the item tables
+
+
+def recipe(dataset: str, name: str) -> Recipe:
+    """Each paper's setting where it gives one; the RNNs use GRU4Rec-like sizes."""
+    sessions = dataset == "yoochoose"
+    dropout = 0.2 if sessions else 0.5                 # SASRec: 0.2 dense data, 0.5 sparse
+    if name in ("gru4rec", "hrnn", "user_gru"):
+        dim = 200 if sessions else 100
+        options = {"embedding_dropout": 0.0, "hidden_dropout": dropout} if name == "gru4rec" else {}
+        if name == "user_gru":
+            options = {"user_dropout": 0.5}            # the paper's user-vector dropout
+        config = ModelConfig(name=name, embedding_dim=dim, hidden_dim=dim, dropout=dropout,
+                             tied_embeddings=True, options=options)
+    elif name == "sasrec":
+        config = sasrec.recommended_config(dropout=dropout)
+    elif name == "convrec":
+        config = convrec.recommended_config()          # its paper: dropout 0.2 on every data set
+    elif name == "dynamicrec":
+        config = dynamicrec.recommended_config(dropout=dropout)
+    elif name == "caser":
+        # Sessions have no users: no user vector, the whole hidden state is the convolution's.
+        config = (caser.recommended_config(hidden_dim=50, options={"user_dim": 0}) if sessions
+                  else caser.recommended_config())
+    else:
+        raise ValueError(f"no recipe for model {name!r} on {dataset}")
+    return Recipe(config)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def load_sessions(path: Path, limit: int | None = None) -> list[np.ndarray]:
+    """Session-per-line file -> sessions (arrays of item ids, in order)."""
+    events, _ = read_sessions(str(path), DATA_CONFIG)
+    lines = events["user_id"].to_numpy()
+    items = events["item_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, lines[1:] != lines[:-1]])
+    sessions = np.split(items, starts[1:])
+    return sessions[:limit] if limit else sessions
+
+
+def split_sessions(sessions: list[np.ndarray], seed: int) -> tuple[list, list, list]:
+    """Random 70/10/20 split of sessions (numpy Generator seeded with `seed`)."""
+    order = np.random.default_rng(seed).permutation(len(sessions))
+    a, b = int(0.7 * len(order)), int(0.8 * len(order))
+    return tuple([sessions[i] for i in part] for part in (order[:a], order[a:b], order[b:]))
+
+
+def load_user_items(path: Path, limit: int | None = None) -> Histories:
+    """`user item` lines (time-ordered per user) -> per-user histories."""
+    events, _ = read_user_item(str(path), DATA_CONFIG)
+    users, items = events["user_id"].to_numpy(), events["item_id"].to_numpy()
+    order = np.lexsort((events["timestamp"].to_numpy(), users))
+    users, items = users[order], items[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    histories = Histories.from_items(np.split(items, starts[1:]), users=users[starts])
+    if limit:
+        histories = histories.slices(np.arange(limit), np.zeros(limit, np.int64),
+                                     histories.lengths()[:limit])
+    return histories
+
+
+def training_windows(sequences: list[np.ndarray], steps: int,
+                     users: np.ndarray | None = None) -> SequenceBatch:
+    """Each sequence's last steps + 1 items as one left-padded row of `steps` (input, next item)
+    pairs; sequences of one item (no target) are dropped."""
+    positions = [np.arange(len(s)) for s in sequences]
+    rows = history_batch(sequences, positions, None, None, DATA_CONFIG, steps + 1, users=users)
+    rows = _columns(rows, slice(0, -1))             # the last item is a target, never an input
+    return rows[rows.mask.any(1)]
+
+
+def _columns(batch: SequenceBatch, columns: slice) -> SequenceBatch:
+    """The same rows, only the steps in `columns`."""
+    return SequenceBatch(**{f.name: getattr(batch, f.name)[:, columns]
+                            if getattr(batch, f.name).dim() == 2 else getattr(batch, f.name)
+                            for f in dataclasses.fields(batch)})
+
+
+def epoch_batches(windows: SequenceBatch, batch_size: int, rng: np.random.Generator
+                  ) -> Iterator[SequenceBatch]:
+    """Shuffled batches; rows of similar length go together (sorted within chunks of 32
+    batches) so that dropping the all-padding columns saves the encoder most of its work."""
+    lengths = (windows.items > 0).sum(1).numpy()
+    order = rng.permutation(len(lengths))
+    chunk = 32 * batch_size
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        order[start:start + chunk] = part[np.argsort(-lengths[part], kind="stable")]
+    for start in rng.permutation(np.arange(0, len(order), batch_size)):
+        rows = torch.as_tensor(order[start:start + batch_size])
+        width = int(lengths[rows.numpy()].max())
+        # Every encoder is padding-invariant (tested), so the cut changes no real step's output.
+        yield _columns(windows[rows], slice(-width, None))
+
+
+def item_counts(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
+    return np.bincount(np.concatenate(sequences), minlength=num_items + 1)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.ndarray,
+          sampler: SamplerConfig, validate: Callable[[ModelRanker], float], seed: int,
+          max_epochs: int, patience: int, seconds: float) -> tuple[ModelRanker, dict]:
+    """Train until the validation score has not improved for `patience` epochs, `max_epochs`, or
+    `seconds` run out (checked between batches); returns the best epoch's model and a summary."""
+    torch.manual_seed(seed)
+    model = build_model(recipe.config, dims)
+    loss_fn = build_loss(sampler, counts)
+    optimizers = Optimizers(torch.optim.Adam(model.dense_parameters(), lr=recipe.dense_lr),
+                            RowWiseAdagrad(model.sparse_parameters(), lr=recipe.sparse_lr))
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    best, best_state, best_epoch, epochs, events, curve = -math.inf, None, 0, 0, 0, []
+    started = time.perf_counter()
+    out_of_time = False
+    while epochs < max_epochs and not out_of_time and epochs - best_epoch < patience:
+        model.train()
+        for batch in epoch_batches(windows, recipe.batch_size, rng):
+            train_step(model, batch, loss_fn, optimizers, generator)
+            events += batch.num_events
+            if time.perf_counter() - started > seconds:
+                out_of_time = True
+                break
+        epochs += 1
+        score = validate(ModelRanker(model))
+        curve.append(round(score, 4))
+        log.info("%s epoch %d valid %.4f (%.0f s)", recipe.config.name, epochs, score,
+                 time.perf_counter() - started)
+        if score > best:
+            best, best_epoch, best_state = score, epochs, copy.deepcopy(model.state_dict())
+    train_seconds = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    return ModelRanker(model), {"recipe": dataclasses.asdict(recipe), "epochs": epochs, "best_epoch": best_epoch,
+                                "stopped_by_budget": out_of_time, "valid_curve": curve,
+                                "train_seconds": round(train_seconds, 1),
+                                "events_per_second": round(events / train_seconds)}
+
+
+# ---------------------------------------------------------------------------------- protocols
+
+
+def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+    sessions = load_sessions(FILES["yoochoose"], QUICK["yoochoose"] if args.quick else None)
+    num_items = int(max(s.max() for s in sessions))
+    train_sessions, valid, test = split_sessions(sessions, seed)
+    counts = item_counts(train_sessions, num_items)
+    dims = Dimensions(num_items, 0, DATA_CONFIG.num_delta_buckets, len(DATA_CONFIG.event_types))
+    windows = training_windows(train_sessions, max(map(len, train_sessions)) - 1)
+
+    def last_item(ranker, part: list[np.ndarray]) -> dict[str, float]:
+        return session_last_item(ranker, part, (10, 20), 30, progress=False)
+
+    for name, loss in _runs(args, "yoochoose"):
+        if name == "mostpop":
+            ranker, info = most_pop(num_items).fit(np.concatenate(train_sessions)), {}
+        else:
+            ranker, info = train(recipe("yoochoose", name), dims, windows, counts,
+                                 _sampler(args, loss), lambda r: last_item(r, valid)["mrr@10"],
+                                 seed, args.epochs, args.patience, budget())
+        every = session_every_position(ranker, test, (20,), progress=False)
+        yield {"test": last_item(ranker, test), "every_position": every, **info,
+               "model": name, "loss": loss}
+
+
+def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+    histories = load_user_items(FILES["amazon"], QUICK["amazon"] if args.quick else None)
+    num_items = int(max(x.max() for x in histories.items))
+    train_part, _, _ = split_leave_one_out(histories)
+    counts = item_counts(train_part.items, num_items)
+    dims = Dimensions(num_items, int(histories.users.max()), DATA_CONFIG.num_delta_buckets,
+                      len(DATA_CONFIG.event_types))
+    windows = training_windows(train_part.items, 50, train_part.users)   # SASRec: maxlen 50
+
+    def protocol(ranker, target: str, users: int) -> dict[str, float]:
+        return user_leave_one_out(ranker, histories, (10, 20), target, max_users=users,
+                                  seed=seed, progress=False)
+
+    for name, loss in _runs(args, "amazon"):
+        if name == "mostpop":
+            ranker, info = most_pop(num_items).fit(np.concatenate(train_part.items)), {}
+        else:
+            ranker, info = train(recipe("amazon", name), dims, windows, counts,
+                                 _sampler(args, loss),
+                                 lambda r: protocol(r, "valid", 5_000)["sampled_ndcg@10"],
+                                 seed, args.epochs, args.patience, budget())
+        yield {"test": protocol(ranker, "test", 10_000), **info, "model": name, "loss": loss}
+
+
+def _runs(args, dataset: str) -> list[tuple[str, str]]:
+    models = [m for m in MODELS[dataset] if m in args.models]
+    return [(m, "-") if m == "mostpop" else (m, loss) for m in models
+            for loss in (["-"] if m == "mostpop" else args.loss)]
+
+
+def time_shares(minutes: float, runs: int) -> Callable[[], float]:
+    """A budget: each call returns an equal share of the time left for each run still to go."""
+    deadline = time.perf_counter() + 60 * minutes
+    left = iter(range(runs, 0, -1))
+    return lambda: max(deadline - time.perf_counter(), 0.0) / next(left, 1)
+
+
+def _sampler(args, loss: str) -> SamplerConfig:
+    return SamplerConfig(loss=loss, num_negatives=args.negatives, alpha=args.alpha)
+
+
+# --------------------------------------------------------------------------------------- docs
+
+MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _stat(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _grouped(records: list[dict], dataset: str) -> list[tuple[tuple[str, str], list[dict]]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["dataset"] == dataset:
+            groups.setdefault((r["model"], r["loss"]), []).append(r)
+    order = {m: i for i, m in enumerate(MODELS[dataset])}
+    return sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _cost(rs: list[dict]) -> list[str]:
+    """Epochs per seed (best epoch; * = stopped by the budget) and mean training seconds."""
+    if "epochs" not in rs[0]:
+        return ["—", "—"]
+    epochs = "/".join(f"{r['epochs']}({r['best_epoch']}){'*' * r['stopped_by_budget']}" for r in rs)
+    return [epochs, f"{np.mean([r['train_seconds'] for r in rs]):.0f}"]
+
+
+def render_tables(records: list[dict]) -> str:
+    """Markdown tables of every recorded result: mean ± sample sd over seeds beside the papers."""
+    out = []
+    for title, dataset, columns, published_header, published in TABLES:
+        groups = _grouped(records, dataset)
+        if not groups:
+            continue
+        header = ["model", "loss", "seeds", *(c[0] for c in columns), "published",
+                  published_header, "epochs (best)", "train s"]
+        out += [f"### {title}", "", _row(header), _row(["---"] * len(header))]
+        for (model, loss), rs in groups:
+            name, figures = published.get(model, ("—", ()))
+            out.append(_row([model, loss, str(len(rs)),
+                             *(_stat([r[section][key] for r in rs]) for _, section, key in columns),
+                             name, " / ".join(f"{x:.4f}" for x in figures) or "—", *_cost(rs)]))
+        out.append("")
+    dates = sorted(r["date"][:16] for r in records)
+    out += [("Cells: mean ± sample standard deviation over seeds (one value: one seed). "
+             "epochs (best): epochs trained per seed and, in brackets, the epoch kept by "
+             "validation; * = stopped by the time budget."),
+            "", "Commands:", "", *sorted({f"    {r['command']}" for r in records}), "",
+            f"Machine: {records[-1]['machine']}. Dates (UTC): {dates[0]} to {dates[-1]}."]
+    return "\n".join(out)
+
+
+def write_docs(records: list[dict], path: Path) -> None:
+    """Replace the text between the result markers of `path` (a skeleton if it has none)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{MARK_BEGIN}\n{render_tables(records)}\n{MARK_END}"
+    if MARK_BEGIN in text and MARK_END in text:
+        text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    else:
+        text = f"# Results on real data\n\n{block}\n\n## Notes\n"
+    path.write_text(text)
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, {platform.system()}")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("yoochoose", "amazon", "all"), default="all")
+    parser.add_argument("--models", default="all", help="comma list, e.g. mostpop,dynamicrec")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30, help="most epochs per model")
+    parser.add_argument("--patience", type=int, default=3, help="epochs without valid progress")
+    parser.add_argument("--max-minutes", type=float, default=60.0,
+                        help="training time per data set, shared by its runs")
+    parser.add_argument("--loss", default="full_softmax",
+                        help="comma list of full_softmax, sampled_softmax, bpr_max, bce")
+    parser.add_argument("--negatives", type=int, default=2048, help="sampled losses: K")
+    parser.add_argument("--alpha", type=float, default=0.75, help="sampled losses: q ∝ count^alpha")
+    parser.add_argument("--quick", action="store_true", help="tiny slice, 2 epochs, 1 seed")
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "reproduce" / "results.jsonl")
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    args = parser.parse_args(argv)
+    args.loss = args.loss.split(",")
+    known = sorted(set(MODELS["amazon"]) | set(MODELS["yoochoose"]))
+    args.models = known if args.models == "all" else args.models.split(",")
+    unknown = sorted(set(args.models) - set(known))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; known: {known}")
+    if args.quick:
+        args.epochs, args.seeds = min(args.epochs, 2), 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(2)
+    datasets = ["yoochoose", "amazon"] if args.dataset == "all" else [args.dataset]
+    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runner = {"yoochoose": run_yoochoose, "amazon": run_amazon}
+    records = []
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for dataset in datasets:
+        budget = time_shares(args.max_minutes,
+                             args.seeds * sum(m != "mostpop" for m, _ in _runs(args, dataset)))
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for result in runner[dataset](args, seed, budget):
+                record = {"dataset": dataset, "seed": seed, "quick": args.quick, **result,
+                          "command": command, "machine": machine(),
+                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                print(json.dumps(record), flush=True)
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                records.append(record)
+    if args.write_docs:
+        with open(args.results) as f:
+            recorded = [json.loads(line) for line in f]
+        write_docs([r for r in recorded if r["quick"] == args.quick], args.docs)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""benchmarks/reproduce.py plumbing on tiny files: splits, training rows, batches, the protocols'
+counts, MostPop's exact figures, and the docs rendering (mean ± sd, markers kept)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules["reproduce"] = reproduce   # dataclasses look their module up there
+spec.loader.exec_module(reproduce)
+
+
+def test_split_sessions_is_70_10_20_disjoint_and_seeded():
+    sessions = [np.array([i, i + 1]) for i in range(1, 101)]
+    train, valid, test = reproduce.split_sessions(sessions, seed=3)
+    assert (len(train), len(valid), len(test)) == (70, 10, 20)
+    firsts = sorted(int(s[0]) for s in train + valid + test)
+    assert firsts == list(range(1, 101))
+    again = reproduce.split_sessions(sessions, seed=3)
+    assert [int(s[0]) for s in again[2]] == [int(s[0]) for s in test]
+    other = reproduce.split_sessions(sessions, seed=4)
+    assert [int(s[0]) for s in other[2]] != [int(s[0]) for s in test]
+
+
+def test_training_windows_keep_every_position_and_the_last_items():
+    windows = reproduce.training_windows([np.array([5, 6, 7]), np.array([8]), np.array([1, 2, 3, 4, 9])],
+                                         steps=3, users=np.array([11, 12, 13]))
+    # The one-item sequence has no target and is dropped; the long one keeps its last 4 items.
+    assert windows.items.tolist() == [[0, 5, 6], [2, 3, 4]]
+    assert windows.targets.tolist() == [[0, 6, 7], [3, 4, 9]]
+    assert windows.users.tolist() == [11, 13]
+
+
+def test_epoch_batches_cover_every_row_once_and_drop_only_padding_columns():
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8, 2, 3]
+    sequences = [np.arange(1, n + 2) for n in lengths]          # n targets each
+    windows = reproduce.training_windows(sequences, steps=8)
+    seen = []
+    for batch in reproduce.epoch_batches(windows, 3, np.random.default_rng(0)):
+        real = (batch.items > 0).sum(1)
+        assert batch.items.shape[1] == int(real.max())          # no all-padding column left
+        seen += batch.mask.sum(1).tolist()
+    assert sorted(seen) == sorted(lengths)
+    assert sum(seen) == windows.num_events == 41
+
+
+def _write_data(tmp_path: Path) -> dict:
+    rng = np.random.default_rng(0)
+    # Sessions: random items 2..30 and always item 1 last, so MostPop (item 1 is the most
+    # frequent training item) ranks every test target first: HR = NDCG = MRR = 1 exactly.
+    lines = []
+    for _ in range(50):
+        items = list(rng.integers(2, 31, rng.integers(3, 7))) + [1]
+        lines.append(",".join(map(str, [0] * (10 - len(items)) + items)))
+    (tmp_path / "sessions.csv").write_text("\n".join(lines) + "\n")
+    pairs = []
+    for user in range(1, 41):
+        items = [1] + list(rng.integers(2, 150, rng.integers(3, 7))) + [1]
+        pairs += [f"{user} {item}" for item in items]
+    pairs.append("41 150")                                     # the catalog reaches 150
+    (tmp_path / "user_item.txt").write_text("\n".join(pairs) + "\n")
+    return {"yoochoose": tmp_path / "sessions.csv", "amazon": tmp_path / "user_item.txt"}
+
+
+def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "FILES", _write_data(tmp_path))
+    results, docs = tmp_path / "results.jsonl", tmp_path / "results.md"
+    docs.write_text("# Results\n\nintro kept\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n"
+                    "\n## Notes\nnotes kept\n")
+    records = reproduce.main(["--models", "mostpop,gru4rec,user_gru", "--seeds", "1",
+                              "--epochs", "1", "--results", str(results), "--write-docs",
+                              "--docs", str(docs)])
+    by = {(r["dataset"], r["model"]): r for r in records}
+    assert sorted(by) == [("amazon", "gru4rec"), ("amazon", "mostpop"), ("amazon", "user_gru"),
+                          ("yoochoose", "gru4rec"), ("yoochoose", "mostpop")]
+    sessions = reproduce.load_sessions(reproduce.FILES["yoochoose"])
+    _, _, test = reproduce.split_sessions(sessions, 0)
+    pop = by["yoochoose", "mostpop"]
+    assert pop["test"]["count"] == 10 == len(test)
+    assert pop["test"]["hr@10"] == pop["test"]["ndcg@20"] == pop["test"]["mrr@10"] == 1.0
+    assert pop["every_position"]["count"] == sum(len(s) - 1 for s in test)
+    amazon = by["amazon", "mostpop"]["test"]
+    assert amazon["count"] == 40                                # user 41 has 1 event
+    assert amazon["sampled_hr@10"] == amazon["sampled_ndcg@10"] == amazon["full_ndcg@10"] == 1.0
+    trained = by["yoochoose", "gru4rec"]
+    assert trained["epochs"] == trained["best_epoch"] == len(trained["valid_curve"]) == 1
+    assert trained["loss"] == "full_softmax"
+    assert 0.0 <= trained["test"]["hr@20"] <= 1.0 and trained["events_per_second"] > 0
+    assert len(results.read_text().splitlines()) == 5
+    text = docs.read_text()
+    assert "intro kept" in text and "notes kept" in text and "old" not in text
+    assert "| mostpop | - | 1 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | MostPop | 0.0326 / 0.0566 / 0.0150 / 0.0199 | — | — |" in text
+
+
+def test_tables_show_mean_and_sample_sd_over_seeds():
+    base = {"dataset": "amazon", "model": "sasrec", "loss": "full_softmax", "epochs": 4,
+            "best_epoch": 3, "stopped_by_budget": False, "train_seconds": 10.0, "command": "cmd", "machine": "m",
+            "date": "2026-01-01T00:00:00"}
+    figures = {"sampled_ndcg@10": 0.5, "full_hr@10": 0.1, "full_ndcg@10": 0.05, "full_hr@20": 0.2}
+    text = reproduce.render_tables([{**base, "test": {**figures, "sampled_hr@10": hr}}
+                                    for hr in (0.5, 0.7)])
+    # mean 0.6, sample sd = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    assert ("| sasrec | full_softmax | 2 | 0.6000 ± 0.1414 | 0.5000 ± 0.0000 | 0.1000 ± 0.0000 | "
+            "0.0500 ± 0.0000 | 0.2000 ± 0.0000 | SASRec | 0.7410 / 0.5360 | 4(3)/4(3) | 10 |") in text
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--models", "mostpop,nextitnet"])
+    assert "nextitnet" in capsys.readouterr().err
