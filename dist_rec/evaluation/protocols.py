@@ -78,17 +78,17 @@ class ModelRanker:
     def topk(self, batch, k, exclude=None):
         with _inference(self.model):
             exclude = None if exclude is None else exclude.to(self.device)
-            return self.model.tables.topk(self._last_hidden(batch), k, exclude=exclude)[1].cpu()
+            return self.model.scorer.topk(self._last_hidden(batch), k, exclude=exclude)[1].cpu()
 
     def target_ranks(self, batch, targets):
         with _inference(self.model):
             hidden = self._last_hidden(batch)
-            return self.model.tables.target_ranks(hidden, targets.to(self.device)).cpu()
+            return self.model.scorer.target_ranks(hidden, targets.to(self.device)).cpu()
 
     def candidate_scores(self, batch, candidates):
         with _inference(self.model):
             hidden = self._last_hidden(batch)
-            weight, bias = self.model.tables.output_rows(candidates.to(self.device))
+            weight, bias = self.model.scorer.output_rows(candidates.to(self.device))
             # Elementwise product + sum, not bmm: every column is reduced the same way, so a
             # candidate identical to the target ties with it exactly.
             return ((weight * hidden.unsqueeze(1)).sum(-1) + bias).cpu()
@@ -100,7 +100,7 @@ class ModelRanker:
             hidden, targets = self.model.hidden(batch)[mask], batch.targets[mask]  # (N, D), (N,)
             ranks = torch.full(mask.shape, -1, dtype=torch.int64, device=self.device)
             ranks[mask] = torch.cat([
-                self.model.tables.target_ranks(hidden[i:i + self.rows_per_call],
+                self.model.scorer.target_ranks(hidden[i:i + self.rows_per_call],
                                                targets[i:i + self.rows_per_call])
                 for i in range(0, len(targets), self.rows_per_call)] or [targets])
             return ranks.cpu()

@@ -63,15 +63,38 @@ def registered_models() -> list[str]:
 
 
 class NextItemModel(nn.Module):
-    """Item tables + encoder. `hidden(batch)` (B, T, D) is all a loss or an evaluator needs."""
+    """Item tables + encoder. `hidden(batch)` (B, T, D) and `scorer` are all a loss or an
+    evaluator needs.
+
+    `scorer` has the tables' scoring interface (output_rows, output_weight, topk, target_ranks):
+    the tables themselves, unless the encoder scores items from their features too (HRNN-meta's
+    `scorer(tables)`).
+    """
 
     def __init__(self, tables: nn.Module, encoder: nn.Module):
         super().__init__()
         self.tables = tables
         self.encoder = encoder
 
+    @property
+    def _encoder(self) -> nn.Module:
+        return getattr(self.encoder, "module", self.encoder)          # the encoder under DDP
+
+    @property
+    def scorer(self):
+        """Built on access, so it always reads the current tables (they may be swapped for a
+        sharded view) and the encoder's current parameters."""
+        make_scorer = getattr(self._encoder, "scorer", None)
+        return self.tables if make_scorer is None else make_scorer(self.tables)
+
     def hidden(self, batch: SequenceBatch) -> torch.Tensor:
         return self.encoder(batch, self.tables.embed(batch.items))
+
+    def auxiliary_loss(self, batch: SequenceBatch, hidden: torch.Tensor) -> torch.Tensor | None:
+        """An encoder's own training term added to the ranking loss (HRNN-meta's value head), or
+        None. hidden (N, D): the masked steps of `hidden(batch)`."""
+        extra = getattr(self._encoder, "auxiliary_loss", None)
+        return None if extra is None else extra(batch, hidden, self.tables)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Encoder parameters: trained by a dense optimizer under DDP."""

@@ -6,7 +6,7 @@ section 2.2. Instead of a two-level HGRU, the input at step t concatenates
             feedback embedding f(type of event t) ]
 and a single GRU reads it:  h_t = GRU(x_t, h_{t-1}).  The delta is the gap between the input event
 and the moment of the prediction, so at serving time the same history gives different
-recommendations for different `now` (paper Table 2).
+recommendations for different `now` (paper Table 2). HRNN-meta (hrnn_meta.py) adds inputs.
 """
 from __future__ import annotations
 
@@ -20,25 +20,29 @@ from dist_rec.models.base import Dimensions, register
 
 @register("hrnn")
 class HRNN(nn.Module):
-    def __init__(self, config: ModelConfig, dims: Dimensions):
+    def __init__(self, config: ModelConfig, dims: Dimensions, extra_input_dim: int = 0):
+        """extra_input_dim: width of the inputs a subclass appends in `inputs()`."""
         super().__init__()
         self.delta_embedding = nn.Embedding(dims.num_delta_buckets, config.delta_embedding_dim,
                                             padding_idx=0)
         self.type_embedding = nn.Embedding(dims.num_event_types + 1, config.type_embedding_dim,
                                            padding_idx=0)
-        input_dim = config.embedding_dim + config.delta_embedding_dim + 1 + config.type_embedding_dim
+        input_dim = (config.embedding_dim + config.delta_embedding_dim + 1 + config.type_embedding_dim
+                     + extra_input_dim)
         self.gru = nn.GRU(input_dim, config.hidden_dim, num_layers=config.num_layers,
                           batch_first=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(config.dropout)
 
+    def inputs(self, batch: SequenceBatch, item_vectors: torch.Tensor) -> list[torch.Tensor]:
+        """The per-step inputs, each (B, T, width), concatenated into x_t."""
+        return [item_vectors,
+                self.delta_embedding(batch.deltas),
+                batch.session_starts.unsqueeze(-1).to(item_vectors.dtype),
+                self.type_embedding(batch.event_types)]
+
     def forward(self, batch: SequenceBatch, item_vectors: torch.Tensor) -> torch.Tensor:
         """item_vectors (B, T, E) -> hidden (B, T, H)."""
-        inputs = torch.cat([
-            item_vectors,
-            self.delta_embedding(batch.deltas),
-            batch.session_starts.unsqueeze(-1).to(item_vectors.dtype),
-            self.type_embedding(batch.event_types),
-        ], dim=-1)
+        inputs = torch.cat(self.inputs(batch, item_vectors), dim=-1)
         # Batches are left-padded; a GRU reading the padding would drift from its zero state, so
         # the real steps are rolled to the front, run from h0, and rolled back into place.
         padding = (batch.items == 0).sum(1, keepdim=True)                       # (B, 1)

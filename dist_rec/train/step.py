@@ -43,7 +43,10 @@ def train_step(model: NextItemModel, batch: SequenceBatch, loss_fn, optimizers: 
     with torch.autocast(batch.items.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.hidden(batch)[mask]                            # (N, D)
     # The loss runs outside autocast: its fused logits kernel is written for fp32.
-    loss = loss_fn(hidden.float(), targets, model.tables, weights, generator)
+    loss = loss_fn(hidden.float(), targets, model.scorer, weights, generator)
+    extra = model.auxiliary_loss(batch, hidden.float())
+    if extra is not None:
+        loss = loss + extra
     optimizers.zero_grad()
     loss.backward()
     if replicated_tables:

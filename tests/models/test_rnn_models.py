@@ -23,14 +23,6 @@ MODELS = [("gru4rec", {}), ("gru4rec", {"reset_on_session_start": False})] + [
     ("user_gru", options) for options in USER_GRUS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_batch(items: torch.Tensor, users: torch.Tensor, starts: torch.Tensor | None = None,
                seed: int = 0) -> SequenceBatch:

@@ -30,14 +30,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops run faster on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_batch(items: torch.Tensor, users: torch.Tensor | None = None) -> SequenceBatch:
     """items (B, T) left-padded -> a batch whose targets are the next items (0 at the end)."""

@@ -1,0 +1,209 @@
+"""HRNN-meta: HRNN with user, item, context and feedback metadata, and item-feature scoring.
+
+Paper: "Temporal-Contextual Recommendation in Real-Time", KDD 2020 (../shared/papers/hrnn_meta_*).
+- Inputs (sec. 2.2): HRNN's x_t (item, time delta, session bit, event type) concatenated with
+  the input item's feature embedding, the user's feature embedding, the request context (e.g.
+  device) and the feedback value of event t (e.g. a rating).
+- Decoder (sec. 2.3, eq. 2): the score of item j mixes its ID view and its feature view,
+      phi~_j(h) = (1 - lambda) (w_j . h + b_j) + lambda (w(f_j) . h + b(f_j)),
+  which is one dot product with the mixed row ((1-lambda) w_j + lambda w(f_j), (1-lambda) b_j +
+  lambda b(f_j)): `MetaScorer` gives the loss and the evaluator those rows. lambda ~ U[0, 1] once
+  per training step ("a form of dropout that prevents co-training"); at inference lambda = 1 for
+  cold-start items (no ID signal) and `eval_lambda` (default 0) for the others.
+- Value head (sec. 4.3, Tables 4-5): predicts the value of the next event from h_t and the next
+  item, trained with squared error beside the ranking loss; it learns a user's rating pattern
+  from the feedback values it reads.
+
+Features are codes: field f of an item takes values 1..item_feature_sizes[f], 0 = missing; the
+per-item and per-user code tables are buffers set from the data (`set_item_features`,
+`set_user_features`), so they are saved with the encoder's state.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_rec.batch import SequenceBatch
+from dist_rec.config import ModelConfig
+from dist_rec.embeddings.table import ItemTables
+from dist_rec.models.base import Dimensions, read_options, register
+from dist_rec.models.hrnn import HRNN
+
+DEFAULTS = {
+    "item_feature_sizes": [],   # codes per item field, e.g. [num_categories]
+    "user_feature_sizes": [],   # codes per user field, e.g. [age groups, regions]
+    "context_size": 0,          # codes of batch.contexts (0 = no context input)
+    "feature_dim": 16,          # embedding width of one feature field
+    "value_feedback": False,    # read batch.values (the input event's value) as an input
+    "value_head": False,        # predict batch.target_values; squared error added to the loss
+    "value_loss_weight": 1.0,
+    "eval_lambda": 0.0,         # lambda of warm items at inference; cold items always use 1
+}
+
+
+class FieldEmbedding(nn.Module):
+    """Categorical fields -> one vector: each field embedded, concatenated (field-aware).
+
+    codes (..., F) int64, 0 = missing -> (..., F * dim).
+    """
+
+    def __init__(self, sizes: list[int], dim: int):
+        super().__init__()
+        self.fields = nn.ModuleList(nn.Embedding(size + 1, dim, padding_idx=0) for size in sizes)
+
+    @property
+    def width(self) -> int:
+        return sum(field.embedding_dim for field in self.fields)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([field(codes[..., f]) for f, field in enumerate(self.fields)], dim=-1)
+
+
+@register("hrnn_meta")
+class HRNNMeta(HRNN):
+    def __init__(self, config: ModelConfig, dims: Dimensions):
+        options = read_options(config, DEFAULTS)
+        item_fields = FieldEmbedding(options["item_feature_sizes"], options["feature_dim"])
+        user_fields = FieldEmbedding(options["user_feature_sizes"], options["feature_dim"])
+        context_dim = options["feature_dim"] if options["context_size"] else 0
+        super().__init__(config, dims, extra_input_dim=item_fields.width + user_fields.width
+                         + context_dim + int(options["value_feedback"]))
+        self.options = options
+        self.item_fields, self.user_fields = item_fields, user_fields
+        self.context_embedding = (nn.Embedding(options["context_size"] + 1, context_dim, padding_idx=0)
+                                  if context_dim else None)
+        # w(f_j), b(f_j) of eq. 2: the item's feature view in the decoder, its own embeddings.
+        self.decoder_fields = FieldEmbedding(options["item_feature_sizes"], options["feature_dim"])
+        self.feature_rows = (nn.Linear(self.decoder_fields.width, config.hidden_dim + 1)
+                             if options["item_feature_sizes"] else None)
+        self.value_head = (nn.Sequential(nn.Linear(config.hidden_dim + config.embedding_dim, config.hidden_dim),
+                                         nn.ReLU(), nn.Linear(config.hidden_dim, 1))
+                           if options["value_head"] else None)
+        rows = dims.num_items + 1
+        self.register_buffer("item_features", torch.zeros(rows, len(options["item_feature_sizes"]),
+                                                          dtype=torch.int64))
+        self.register_buffer("user_features", torch.zeros(dims.num_users + 1, len(options["user_feature_sizes"]),
+                                                          dtype=torch.int64))
+        self.register_buffer("cold_items", torch.zeros(rows, dtype=torch.bool))
+        self.train_lambda = torch.tensor(0.0)
+
+    # ----- data -----
+    def set_item_features(self, codes: torch.Tensor) -> None:
+        """codes (num_items + 1, F) int64: field codes per item id; row 0 = padding."""
+        _check_codes("item", codes, self.item_features.shape, self.options["item_feature_sizes"])
+        self.item_features.copy_(codes)
+
+    def set_user_features(self, codes: torch.Tensor) -> None:
+        """codes (num_users + 1, G) int64: field codes per user id; row 0 = unknown user."""
+        _check_codes("user", codes, self.user_features.shape, self.options["user_feature_sizes"])
+        self.user_features.copy_(codes)
+
+    def set_cold_items(self, cold: torch.Tensor) -> None:
+        """cold (num_items + 1,) bool: items without interactions, scored from features alone."""
+        if cold.shape != self.cold_items.shape:
+            raise ValueError(f"hrnn_meta.set_cold_items: shape {tuple(cold.shape)}, "
+                             f"expected {tuple(self.cold_items.shape)}")
+        self.cold_items.copy_(cold)
+
+    # ----- encoder -----
+    def inputs(self, batch: SequenceBatch, item_vectors: torch.Tensor) -> list[torch.Tensor]:
+        extra = []
+        if self.item_fields.fields:
+            extra.append(self.item_fields(self.item_features[batch.items]))
+        if self.user_fields.fields:
+            users = self.user_fields(self.user_features[batch.users])                 # (B, G * dim)
+            extra.append(users.unsqueeze(1).expand(-1, batch.items.shape[1], -1))
+        if self.context_embedding is not None:
+            extra.append(self.context_embedding(_required(batch.contexts, "contexts")))
+        if self.options["value_feedback"]:
+            extra.append(_required(batch.values, "values").unsqueeze(-1).to(item_vectors.dtype))
+        return super().inputs(batch, item_vectors) + [e.to(item_vectors.dtype) for e in extra]
+
+    def forward(self, batch: SequenceBatch, item_vectors: torch.Tensor) -> torch.Tensor:
+        if self.training and self.feature_rows is not None:
+            # One lambda per step, shared by the positives and the negatives it scores.
+            self.train_lambda = torch.rand((), device=item_vectors.device)
+        return super().forward(batch, item_vectors)
+
+    # ----- decoder -----
+    def scorer(self, tables: nn.Module) -> "MetaScorer | nn.Module":
+        """The scoring view NextItemModel uses: eq. 2 when there are item features."""
+        if self.feature_rows is None:
+            return tables
+        if not isinstance(tables, ItemTables):
+            raise ValueError("hrnn_meta: scoring with item features needs single-device item tables "
+                             "(TrainConfig.sharding 'none'); row-sharded feature scoring is not built")
+        return MetaScorer(tables, self)
+
+    def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...) -> (w(f_j) (..., D), b(f_j) (...))."""
+        rows = self.feature_rows(self.decoder_fields(self.item_features[items]))
+        return rows[..., :-1], rows[..., -1]
+
+    def mixing(self, items: torch.Tensor) -> torch.Tensor:
+        """lambda for scoring `items` (...): the step's draw in training, else 1 for cold items
+        and eval_lambda for the rest."""
+        if self.training:
+            return self.train_lambda.expand(items.shape)
+        warm = torch.full(items.shape, float(self.options["eval_lambda"]), device=items.device)
+        return torch.where(self.cold_items[items], torch.ones_like(warm), warm)
+
+    # ----- value head -----
+    def predict_values(self, hidden: torch.Tensor, targets: torch.Tensor, tables: nn.Module) -> torch.Tensor:
+        """hidden (N, D), next items (N,) -> predicted values of the next events (N,)."""
+        if self.value_head is None:
+            raise ValueError("hrnn_meta: predict_values needs options['value_head'] = True")
+        return self.value_head(torch.cat([hidden, tables.embed(targets)], dim=-1)).squeeze(-1)
+
+    def auxiliary_loss(self, batch: SequenceBatch, hidden: torch.Tensor, tables: nn.Module) -> torch.Tensor | None:
+        """value_loss_weight x mean squared error of the value head over the masked steps."""
+        if self.value_head is None:
+            return None
+        mask = batch.mask
+        labels = _required(batch.target_values, "target_values")[mask]
+        predicted = self.predict_values(hidden, batch.targets[mask], tables)
+        return self.options["value_loss_weight"] * (predicted - labels).pow(2).mean()
+
+
+class MetaScorer:
+    """The tables' scoring interface over eq. 2's mixed rows; see the module docstring.
+
+    Not a module: its parameters are the tables' (ID view) and the encoder's (feature view).
+    """
+
+    def __init__(self, tables: ItemTables, encoder: HRNNMeta):
+        self.tables, self.encoder = tables, encoder
+        self.num_items = tables.num_items
+
+    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...) -> mixed (vectors (..., D), bias (...))."""
+        vectors, bias = self.tables.output_rows(items)
+        feature_vectors, feature_bias = self.encoder.feature_view(items)
+        mix = self.encoder.mixing(items).to(vectors.dtype)
+        return (torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)),
+                torch.lerp(bias, feature_bias, mix))
+
+    def output_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole mixed table (N+1, D) and bias (N+1,), computed on the fly."""
+        return self.output_rows(torch.arange(self.num_items + 1, device=self.tables.bias.weight.device))
+
+    # The chunked full-catalog ranking only reads output_weight() and num_items.
+    topk = ItemTables.topk
+    target_ranks = ItemTables.target_ranks
+
+
+def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: list[int]) -> None:
+    if codes.shape != shape:
+        raise ValueError(f"hrnn_meta.set_{kind}_features: shape {tuple(codes.shape)}, expected {tuple(shape)} "
+                         f"(one row per {kind} id incl. row 0, one column per field of {kind}_feature_sizes)")
+    for f, size in enumerate(sizes):
+        low, high = int(codes[:, f].min()), int(codes[:, f].max())
+        if low < 0 or high > size:
+            raise ValueError(f"hrnn_meta.set_{kind}_features: field {f} has codes in [{low}, {high}], "
+                             f"expected 0..{size} ({kind}_feature_sizes[{f}] = {size})")
+
+
+def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError(f"hrnn_meta: the batch has no {name!r}, which the model's options read")
+    return tensor
