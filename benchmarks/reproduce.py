@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py --dataset all --seeds 1 --max-minutes 20 --write-docs
     python benchmarks/reproduce.py --quick                      # a tiny slice: checks the plumbing
+    python benchmarks/reproduce.py --seeds 0 --write-docs       # runs nothing: re-renders the docs
 
 YooChoose (DynamicRec protocol): sessions split 70/10/20 at random by seed; train on every position
 of the training sessions; test = last item of each test session given the rest, full ranking,
@@ -11,9 +12,11 @@ Amazon Games (SASRec protocol): leave-one-out per user; train on the train part 
 51 events at most); test = last item given the rest, 100 sampled negatives and full ranking;
 selection on valid sampled NDCG@10.
 
-Prints one JSON line per (dataset, model, loss, seed) and appends it to --results (JSONL);
---write-docs renders every recorded line into docs/results.md between its result markers (the
-hand-written notes around them are kept).
+Prints one JSON line per (dataset, model, loss, seed) and appends it to --results (JSONL; by
+default benchmarks/results/reproduce.jsonl, which git tracks, so the raw records behind the docs
+are committed with them; --quick runs go to runs/reproduce/quick.jsonl, which git ignores).
+--write-docs renders every recorded line into docs/results.md between its result markers and
+touches nothing else (hand-written notes and frozen tables outside the markers are kept).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +59,8 @@ FILES = {"yoochoose": DATA / "yoochoose_sessions.csv",
 MODELS = {"yoochoose": ("mostpop", "gru4rec", "hrnn", "sasrec", "dynamicrec", "convrec", "caser"),
           "amazon": ("mostpop", "gru4rec", "hrnn", "user_gru", "sasrec", "dynamicrec", "convrec",
                      "caser")}
+RESULTS = ROOT / "benchmarks" / "results" / "reproduce.jsonl"   # the raw records, tracked by git
+QUICK_RESULTS = ROOT / "runs" / "reproduce" / "quick.jsonl"     # plumbing checks, ignored
 QUICK = {"yoochoose": 4000, "amazon": 3000}   # sessions / users kept by --quick
 DATA_CONFIG = DataConfig(strict=True)         # a bad row raises, naming file and line
 # One table per protocol: (title, data set, metric columns (header, record section, key), header
@@ -158,15 +164,8 @@ def training_windows(sequences: list[np.ndarray], steps: int,
     pairs; sequences of one item (no target) are dropped."""
     positions = [np.arange(len(s)) for s in sequences]
     rows = history_batch(sequences, positions, None, None, DATA_CONFIG, steps + 1, users=users)
-    rows = _columns(rows, slice(0, -1))             # the last item is a target, never an input
+    rows = rows.steps(slice(0, -1))             # the last item is a target, never an input
     return rows[rows.mask.any(1)]
-
-
-def _columns(batch: SequenceBatch, columns: slice) -> SequenceBatch:
-    """The same rows, only the steps in `columns`."""
-    return SequenceBatch(**{f.name: getattr(batch, f.name)[:, columns]
-                            if getattr(batch, f.name).dim() == 2 else getattr(batch, f.name)
-                            for f in dataclasses.fields(batch)})
 
 
 def epoch_batches(windows: SequenceBatch, batch_size: int, rng: np.random.Generator
@@ -183,7 +182,7 @@ def epoch_batches(windows: SequenceBatch, batch_size: int, rng: np.random.Genera
         rows = torch.as_tensor(order[start:start + batch_size])
         width = int(lengths[rows.numpy()].max())
         # Every encoder is padding-invariant (tested), so the cut changes no real step's output.
-        yield _columns(windows[rows], slice(-width, None))
+        yield windows[rows].steps(slice(-width, None))
 
 
 def item_counts(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
@@ -199,10 +198,7 @@ def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.n
     """Train until the validation score has not improved for `patience` epochs, `max_epochs`, or
     `seconds` run out (checked between batches); returns the best epoch's model and a summary."""
     torch.manual_seed(seed)
-    model = build_model(recipe.config, dims)
-    loss_fn = build_loss(sampler, counts)
-    optimizers = Optimizers(torch.optim.Adam(model.dense_parameters(), lr=recipe.dense_lr),
-                            RowWiseAdagrad(model.sparse_parameters(), lr=recipe.sparse_lr))
+    model, loss_fn, optimizers = _trainable(recipe, dims, sampler, counts)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     best, best_state, best_epoch, epochs, events, curve = -math.inf, None, 0, 0, 0, []
@@ -231,16 +227,32 @@ def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.n
                                 "events_per_second": round(events / train_seconds)}
 
 
+def _trainable(recipe: Recipe, dims: Dimensions, sampler: SamplerConfig, counts: np.ndarray
+               ) -> tuple[torch.nn.Module, Callable, Optimizers]:
+    """A fresh model, its loss and its optimizers (Adam on the encoder, Adagrad on the tables)."""
+    model = build_model(recipe.config, dims)
+    optimizers = Optimizers(torch.optim.Adam(model.dense_parameters(), lr=recipe.dense_lr),
+                            RowWiseAdagrad(model.sparse_parameters(), lr=recipe.sparse_lr))
+    return model, build_loss(sampler, counts), optimizers
+
+
 # ---------------------------------------------------------------------------------- protocols
 
 
-def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+def yoochoose_data(args, seed: int) -> tuple[SequenceBatch, np.ndarray, Dimensions, tuple]:
+    """Training windows, item counts, dimensions and (train, valid, test) sessions."""
     sessions = load_sessions(FILES["yoochoose"], QUICK["yoochoose"] if args.quick else None)
     num_items = int(max(s.max() for s in sessions))
     train_sessions, valid, test = split_sessions(sessions, seed)
     counts = item_counts(train_sessions, num_items)
     dims = Dimensions(num_items, 0, DATA_CONFIG.num_delta_buckets, len(DATA_CONFIG.event_types))
     windows = training_windows(train_sessions, max(map(len, train_sessions)) - 1)
+    return windows, counts, dims, (train_sessions, valid, test)
+
+
+def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+    windows, counts, dims, (train_sessions, valid, test) = yoochoose_data(args, seed)
+    num_items = dims.num_items
 
     def last_item(ranker, part: list[np.ndarray]) -> dict[str, float]:
         return session_last_item(ranker, part, (10, 20), 30, progress=False)
@@ -257,7 +269,9 @@ def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict
                "model": name, "loss": loss}
 
 
-def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+def amazon_data(args, seed: int) -> tuple[SequenceBatch, np.ndarray, Dimensions, tuple]:
+    """Training windows, item counts, dimensions and (histories, train part); `seed` is unused
+    (leave-one-out has no random split)."""
     histories = load_user_items(FILES["amazon"], QUICK["amazon"] if args.quick else None)
     num_items = int(max(x.max() for x in histories.items))
     train_part, _, _ = split_leave_one_out(histories)
@@ -265,6 +279,12 @@ def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
     dims = Dimensions(num_items, int(histories.users.max()), DATA_CONFIG.num_delta_buckets,
                       len(DATA_CONFIG.event_types))
     windows = training_windows(train_part.items, 50, train_part.users)   # SASRec: maxlen 50
+    return windows, counts, dims, (histories, train_part)
+
+
+def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
+    windows, counts, dims, (histories, train_part) = amazon_data(args, seed)
+    num_items = dims.num_items
 
     def protocol(ranker, target: str, users: int) -> dict[str, float]:
         return user_leave_one_out(ranker, histories, (10, 20), target, max_users=users,
@@ -279,6 +299,44 @@ def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
                                  lambda r: protocol(r, "valid", 5_000)["sampled_ndcg@10"],
                                  seed, args.epochs, args.patience, budget())
         yield {"test": protocol(ranker, "test", 10_000), **info, "model": name, "loss": loss}
+
+
+def time_steps(args, dataset: str, seconds: float, rounds: int = 4) -> Iterator[dict]:
+    """Training events/s of each model under each loss of --loss on one sequence of batches, with
+    no validation: the losses take turns (`rounds` turns of seconds / rounds each, the order
+    reversed every round) so that they see the same machine load."""
+    windows, counts, dims, _ = {"yoochoose": yoochoose_data, "amazon": amazon_data}[dataset](
+        args, args.first_seed)
+    for name in [m for m in MODELS[dataset] if m in args.models and m != "mostpop"]:
+        rec = recipe(dataset, name)
+        torch.manual_seed(args.first_seed)
+        rng = np.random.default_rng(args.first_seed)
+        batches = list(epoch_batches(windows, rec.batch_size, rng))
+        runs = {loss: (*_trainable(rec, dims, _sampler(args, loss), counts),
+                       torch.Generator().manual_seed(args.first_seed)) for loss in args.loss}
+        events, elapsed, steps = dict.fromkeys(args.loss, 0), dict.fromkeys(args.loss, 0.0), 0
+        load = os.getloadavg()[0]
+        for turn in range(rounds + 1):                       # turn 0: warm-up, not counted
+            for loss in (args.loss if turn % 2 else args.loss[::-1]):
+                model, loss_fn, optimizers, generator = runs[loss]
+                model.train()
+                start, step = time.perf_counter(), steps
+                turn_seconds = seconds / rounds if turn else min(1.0, seconds)
+                while time.perf_counter() - start < turn_seconds:
+                    batch = batches[step % len(batches)]
+                    train_step(model, batch, loss_fn, optimizers, generator)
+                    step += 1
+                    if turn:
+                        events[loss] += batch.num_events
+                if turn:
+                    elapsed[loss] += time.perf_counter() - start
+            steps = step                                     # the next turn's batches are new
+        for loss in args.loss:
+            yield {"dataset": dataset, "model": name, "loss": loss,
+                   "events_per_second": round(events[loss] / elapsed[loss]),
+                   "seconds_per_epoch": round(windows.num_events * elapsed[loss] / events[loss], 1),
+                   "timed_seconds": round(elapsed[loss], 1), "rounds": rounds,
+                   "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 def _runs(args, dataset: str) -> list[tuple[str, str]]:
@@ -356,11 +414,14 @@ def render_tables(records: list[dict]) -> str:
 
 
 def write_docs(records: list[dict], path: Path) -> None:
-    """Replace the text between the result markers of `path` (a skeleton if it has none)."""
+    """Replace the text between the result markers of `path`, and nothing else; a missing or
+    empty file gets a skeleton. A file with text but no markers is an error, not overwritten."""
     text = path.read_text() if path.exists() else ""
     block = f"{MARK_BEGIN}\n{render_tables(records)}\n{MARK_END}"
     if MARK_BEGIN in text and MARK_END in text:
         text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
+    elif text.strip():
+        raise ValueError(f"{path} has no {MARK_BEGIN} ... {MARK_END} markers; not overwritten")
     else:
         text = f"# Results on real data\n\n{block}\n\n## Notes\n"
     path.write_text(text)
@@ -376,7 +437,37 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {platform.system()}")
 
 
+def code_version() -> str:
+    """The git commit of the checkout, with the files that differ from it (the code that ran)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--", "dist_rec", "benchmarks/*.py")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not commit:
+        return "unknown"
+    files = sorted(line[3:] for line in changed.splitlines())
+    return commit + (f" + uncommitted changes to {', '.join(files)}" if files else "")
+
+
 # ---------------------------------------------------------------------------------------- main
+
+
+def _record(results: Iterator[dict], path: Path, command: str, code: str) -> list[dict]:
+    """Print each result with its provenance and append it to `path` as it comes."""
+    records = []
+    for result in results:
+        record = {**result, "command": command, "code": code, "machine": machine(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        print(json.dumps(record), flush=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+    return records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -394,7 +485,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--negatives", type=int, default=2048, help="sampled losses: K")
     parser.add_argument("--alpha", type=float, default=0.75, help="sampled losses: q ∝ count^alpha")
     parser.add_argument("--quick", action="store_true", help="tiny slice, 2 epochs, 1 seed")
-    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "reproduce" / "results.jsonl")
+    parser.add_argument("--results", type=Path, default=None,
+                        help=f"JSONL of raw records (default {RESULTS.relative_to(ROOT)}; "
+                             f"with --quick {QUICK_RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--time-steps", type=float, default=0.0, metavar="SECONDS",
+                        help="instead of training runs: time training steps of each model under "
+                             "each loss (SECONDS per model and loss, the losses taking turns) and "
+                             "append them to the results file's *_step_timing.jsonl")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
@@ -406,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--models: unknown {unknown}; known: {known}")
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 2), 1
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else RESULTS
     return args
 
 
@@ -416,20 +515,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     datasets = ["yoochoose", "amazon"] if args.dataset == "all" else [args.dataset]
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runner = {"yoochoose": run_yoochoose, "amazon": run_amazon}
-    records = []
+    records, code = [], code_version()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.time_steps:
+        timings = (r for dataset in datasets for r in time_steps(args, dataset, args.time_steps))
+        return _record(timings, args.results.with_name(args.results.stem + "_step_timing.jsonl"),
+                       command, code)
     for dataset in datasets:
         budget = time_shares(args.max_minutes,
                              args.seeds * sum(m != "mostpop" for m, _ in _runs(args, dataset)))
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for result in runner[dataset](args, seed, budget):
-                record = {"dataset": dataset, "seed": seed, "quick": args.quick, **result,
-                          "command": command, "machine": machine(),
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-                print(json.dumps(record), flush=True)
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                records.append(record)
+            records += _record(({"dataset": dataset, "seed": seed, "quick": args.quick, **result}
+                                for result in runner[dataset](args, seed, budget)),
+                               args.results, command, code)
     if args.write_docs:
         with open(args.results) as f:
             recorded = [json.loads(line) for line in f]

@@ -91,6 +91,7 @@ def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     assert trained["loss"] == "full_softmax"
     assert 0.0 <= trained["test"]["hr@20"] <= 1.0 and trained["events_per_second"] > 0
     assert len(results.read_text().splitlines()) == 5
+    assert all(r["code"] for r in records)                      # the commit the code came from
     text = docs.read_text()
     assert "intro kept" in text and "notes kept" in text and "old" not in text
     assert "| mostpop | - | 1 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | MostPop | 0.0326 / 0.0566 / 0.0150 / 0.0199 | — | — |" in text
@@ -112,3 +113,49 @@ def test_unknown_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--models", "mostpop,nextitnet"])
     assert "nextitnet" in capsys.readouterr().err
+
+
+def test_write_docs_touches_only_the_text_between_its_markers(tmp_path):
+    record = {"dataset": "yoochoose", "model": "mostpop", "loss": "-", "command": "cmd",
+              "machine": "m", "date": "2026-01-01T00:00:00",
+              "test": {"hr@10": 0.5, "hr@20": 0.6, "ndcg@10": 0.3, "ndcg@20": 0.4},
+              "every_position": {"recall@20": 0.7, "mrr@20": 0.2}}
+    docs = tmp_path / "results.md"
+    frozen = "## Frozen\n\n| model | HR@20 |\n| --- | --- |\n| gru4rec | 0.5525 |\n"
+    docs.write_text(f"# R\n\n{frozen}\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nnotes\n")
+    reproduce.write_docs([record], docs)
+    text = docs.read_text()
+    assert text.startswith(f"# R\n\n{frozen}\n<!-- results:begin -->\n### YooChoose")
+    assert text.endswith("<!-- results:end -->\n\nnotes\n") and "old" not in text
+    assert "| mostpop | - | 1 | 0.5000 | 0.6000 | 0.3000 | 0.4000 |" in text
+    # A page without markers is never replaced by a skeleton: its text could not be rebuilt.
+    docs.write_text(frozen)
+    with pytest.raises(ValueError, match="markers"):
+        reproduce.write_docs([record], docs)
+    assert docs.read_text() == frozen
+    new = tmp_path / "new.md"
+    reproduce.write_docs([record], new)
+    assert "<!-- results:begin -->" in new.read_text()
+
+
+def test_raw_records_go_to_the_tracked_file_and_quick_ones_do_not():
+    root = reproduce.ROOT
+    assert reproduce.parse_args([]).results == root / "benchmarks" / "results" / "reproduce.jsonl"
+    assert reproduce.parse_args(["--quick"]).results == root / "runs" / "reproduce" / "quick.jsonl"
+    assert reproduce.parse_args(["--results", "x.jsonl"]).results == Path("x.jsonl")
+
+
+def test_time_steps_times_each_loss_on_the_same_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "FILES", _write_data(tmp_path))
+    results = tmp_path / "results.jsonl"
+    records = reproduce.main(["--dataset", "yoochoose", "--models", "mostpop,gru4rec",
+                              "--loss", "full_softmax,sampled_softmax", "--negatives", "8",
+                              "--time-steps", "0.1", "--results", str(results)])
+    assert [(r["model"], r["loss"]) for r in records] == [("gru4rec", "full_softmax"),
+                                                          ("gru4rec", "sampled_softmax")]
+    for r in records:
+        assert r["events_per_second"] > 0 and r["seconds_per_epoch"] > 0 and r["code"]
+        assert r["timed_seconds"] >= 0.1
+    assert not results.exists()                                 # the runs' file is untouched
+    timing = tmp_path / "results_step_timing.jsonl"
+    assert len(timing.read_text().splitlines()) == 2
