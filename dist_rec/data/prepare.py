@@ -4,6 +4,8 @@ Layout of a prepared directory (local or s3://):
     meta.json                 sizes, vocabulary hash, counts; written last (its presence = complete)
     vocab/                    Vocabulary.save
     item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
+    item_features.npy         (num_items + 1, 1) dense category code per item (1..n; 0 = none),
+                              only when the events have category_id (HRNN-meta's item features)
     windows/part-*.parquet    training windows (sequences.build_windows), streamed by Ray Data
     test_histories.parquet    the held-out users' full histories (sequences.build_histories)
 
@@ -46,6 +48,7 @@ class PreparedData:
     num_windows: int
     num_train_events: int
     storage_options: dict[str, Any]
+    item_features: np.ndarray | None = None   # (num_items + 1, F) int64 codes, or None
 
     @staticmethod
     def load(uri: str, storage_options: dict[str, Any] | None = None) -> "PreparedData":
@@ -56,8 +59,13 @@ class PreparedData:
             raise FileNotFoundError(f"{uri}: not a prepared data directory (no meta.json); "
                                     f"run `dist-rec prepare` first") from None
         counts = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_counts.npy"))))
-        return PreparedData(uri, Dimensions(**meta["dimensions"]), counts, meta["vocab_hash"],
-                            meta["num_windows"], meta["num_train_events"], storage_options or {})
+        features = None
+        if meta["dimensions"].get("item_feature_sizes"):
+            features = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_features.npy"))))
+        dims = {name: tuple(value) if isinstance(value, list) else value
+                for name, value in meta["dimensions"].items()}
+        return PreparedData(uri, Dimensions(**dims), counts, meta["vocab_hash"], meta["num_windows"],
+                            meta["num_train_events"], storage_options or {}, features)
 
     def test_histories(self) -> pa.Table:
         fs, root = filesystem(self.uri, self.storage_options)
@@ -108,19 +116,41 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
         pq.write_table(test, f)
     counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
     counts[0] = 0
-    buffer = io.BytesIO()
-    np.save(buffer, counts.astype(np.int64))
-    fs.pipe_file(posixpath.join(root, "item_counts.npy"), buffer.getvalue())
+    _save_array(fs, posixpath.join(root, "item_counts.npy"), counts.astype(np.int64))
+    feature_sizes: tuple[int, ...] = ()
+    if "category_id" in train_events.column_names:
+        features, num_categories = item_categories(train_events, vocab)
+        _save_array(fs, posixpath.join(root, "item_features.npy"), features)
+        feature_sizes = (num_categories,)
     vocab.save(posixpath.join(out_uri, "vocab"), storage_options)
 
     dims = Dimensions(num_items=vocab.num_items, num_users=test_vocab.num_users,
                       num_delta_buckets=config.num_delta_buckets,
-                      num_event_types=len(config.event_types))
+                      num_event_types=len(config.event_types), item_feature_sizes=feature_sizes)
     meta = {"dimensions": dims.__dict__, "vocab_hash": vocab.hash, "num_windows": windows.num_rows,
             "num_train_events": int(counts.sum()), "test_users": test.num_rows,
             "events_uri": config.events_uri}
     fs.pipe_file(posixpath.join(root, "meta.json"), json.dumps(meta, indent=2).encode())
     return PreparedData.load(out_uri, storage_options)
+
+
+def item_categories(events: pa.Table, vocab: Vocabulary) -> tuple[np.ndarray, int]:
+    """(num_items + 1, 1) dense category code per dense item id (1..n by ascending raw category;
+    0 for padding) and n. An item listed under several categories keeps its latest event's."""
+    categories, codes = np.unique(events["category_id"].to_numpy(), return_inverse=True)
+    newest_first = np.argsort(events["timestamp"].to_numpy(), kind="stable")[::-1]
+    items = vocab.items.encode(events["item_id"])[newest_first]
+    unique_items, newest = np.unique(items, return_index=True)         # each item's newest event
+    known = unique_items > 0
+    features = np.zeros((vocab.num_items + 1, 1), np.int64)
+    features[unique_items[known], 0] = codes[newest_first][newest[known]] + 1
+    return features, len(categories)
+
+
+def _save_array(fs, path: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    fs.pipe_file(path, buffer.getvalue())
 
 
 def _draw_test_users(events: pa.Table, count: int, seed: int) -> pa.Array:

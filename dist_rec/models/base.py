@@ -28,6 +28,10 @@ class Dimensions:
     num_users: int
     num_delta_buckets: int
     num_event_types: int          # codes 1..num_event_types; 0 = padding
+    # Metadata (HRNN-meta): codes per categorical field, 1..size, 0 = missing.
+    item_feature_sizes: tuple[int, ...] = ()   # e.g. (num_categories,)
+    user_feature_sizes: tuple[int, ...] = ()
+    num_contexts: int = 0                      # codes of SequenceBatch.contexts
 
 
 EncoderFactory = Callable[[ModelConfig, Dimensions], nn.Module]

@@ -14,7 +14,8 @@ Paper: "Temporal-Contextual Recommendation in Real-Time", KDD 2020 (../shared/pa
   item, trained with squared error beside the ranking loss; it learns a user's rating pattern
   from the feedback values it reads.
 
-Features are codes: field f of an item takes values 1..item_feature_sizes[f], 0 = missing; the
+Which features exist comes from the data (`Dimensions.item_feature_sizes`, `user_feature_sizes`,
+`num_contexts`): field f of an item takes codes 1..item_feature_sizes[f], 0 = missing. The
 per-item and per-user code tables are buffers set from the data (`set_item_features`,
 `set_user_features`), so they are saved with the encoder's state.
 """
@@ -30,9 +31,6 @@ from dist_rec.models.base import Dimensions, read_options, register
 from dist_rec.models.hrnn import HRNN
 
 DEFAULTS = {
-    "item_feature_sizes": [],   # codes per item field, e.g. [num_categories]
-    "user_feature_sizes": [],   # codes per user field, e.g. [age groups, regions]
-    "context_size": 0,          # codes of batch.contexts (0 = no context input)
     "feature_dim": 16,          # embedding width of one feature field
     "value_feedback": False,    # read batch.values (the input event's value) as an input
     "value_head": False,        # predict batch.target_values; squared error added to the loss
@@ -63,26 +61,25 @@ class FieldEmbedding(nn.Module):
 class HRNNMeta(HRNN):
     def __init__(self, config: ModelConfig, dims: Dimensions):
         options = read_options(config, DEFAULTS)
-        item_fields = FieldEmbedding(options["item_feature_sizes"], options["feature_dim"])
-        user_fields = FieldEmbedding(options["user_feature_sizes"], options["feature_dim"])
-        context_dim = options["feature_dim"] if options["context_size"] else 0
+        item_fields = FieldEmbedding(dims.item_feature_sizes, options["feature_dim"])
+        user_fields = FieldEmbedding(dims.user_feature_sizes, options["feature_dim"])
+        context_dim = options["feature_dim"] if dims.num_contexts else 0
         super().__init__(config, dims, extra_input_dim=item_fields.width + user_fields.width
                          + context_dim + int(options["value_feedback"]))
-        self.options = options
+        self.options, self.dims = options, dims
         self.item_fields, self.user_fields = item_fields, user_fields
-        self.context_embedding = (nn.Embedding(options["context_size"] + 1, context_dim, padding_idx=0)
+        self.context_embedding = (nn.Embedding(dims.num_contexts + 1, context_dim, padding_idx=0)
                                   if context_dim else None)
         # w(f_j), b(f_j) of eq. 2: the item's feature view in the decoder, its own embeddings.
-        self.decoder_fields = FieldEmbedding(options["item_feature_sizes"], options["feature_dim"])
+        self.decoder_fields = FieldEmbedding(dims.item_feature_sizes, options["feature_dim"])
         self.feature_rows = (nn.Linear(self.decoder_fields.width, config.hidden_dim + 1)
-                             if options["item_feature_sizes"] else None)
+                             if dims.item_feature_sizes else None)
         self.value_head = (nn.Sequential(nn.Linear(config.hidden_dim + config.embedding_dim, config.hidden_dim),
                                          nn.ReLU(), nn.Linear(config.hidden_dim, 1))
                            if options["value_head"] else None)
         rows = dims.num_items + 1
-        self.register_buffer("item_features", torch.zeros(rows, len(options["item_feature_sizes"]),
-                                                          dtype=torch.int64))
-        self.register_buffer("user_features", torch.zeros(dims.num_users + 1, len(options["user_feature_sizes"]),
+        self.register_buffer("item_features", torch.zeros(rows, len(dims.item_feature_sizes), dtype=torch.int64))
+        self.register_buffer("user_features", torch.zeros(dims.num_users + 1, len(dims.user_feature_sizes),
                                                           dtype=torch.int64))
         self.register_buffer("cold_items", torch.zeros(rows, dtype=torch.bool))
         self.train_lambda = torch.tensor(0.0)
@@ -90,12 +87,12 @@ class HRNNMeta(HRNN):
     # ----- data -----
     def set_item_features(self, codes: torch.Tensor) -> None:
         """codes (num_items + 1, F) int64: field codes per item id; row 0 = padding."""
-        _check_codes("item", codes, self.item_features.shape, self.options["item_feature_sizes"])
+        _check_codes("item", codes, self.item_features.shape, self.dims.item_feature_sizes)
         self.item_features.copy_(codes)
 
     def set_user_features(self, codes: torch.Tensor) -> None:
         """codes (num_users + 1, G) int64: field codes per user id; row 0 = unknown user."""
-        _check_codes("user", codes, self.user_features.shape, self.options["user_feature_sizes"])
+        _check_codes("user", codes, self.user_features.shape, self.dims.user_feature_sizes)
         self.user_features.copy_(codes)
 
     def set_cold_items(self, cold: torch.Tensor) -> None:
@@ -192,15 +189,15 @@ class MetaScorer:
     target_ranks = ItemTables.target_ranks
 
 
-def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: list[int]) -> None:
+def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:
     if codes.shape != shape:
         raise ValueError(f"hrnn_meta.set_{kind}_features: shape {tuple(codes.shape)}, expected {tuple(shape)} "
-                         f"(one row per {kind} id incl. row 0, one column per field of {kind}_feature_sizes)")
+                         f"(one row per {kind} id incl. row 0, one column per field of Dimensions.{kind}_feature_sizes)")
     for f, size in enumerate(sizes):
         low, high = int(codes[:, f].min()), int(codes[:, f].max())
         if low < 0 or high > size:
             raise ValueError(f"hrnn_meta.set_{kind}_features: field {f} has codes in [{low}, {high}], "
-                             f"expected 0..{size} ({kind}_feature_sizes[{f}] = {size})")
+                             f"expected 0..{size} (Dimensions.{kind}_feature_sizes[{f}] = {size})")
 
 
 def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:

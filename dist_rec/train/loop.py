@@ -44,6 +44,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
     model = build_model(config.model, prepared.dimensions, config.train.sharding,
                         config.train.seed).to(device)
+    if prepared.item_features is not None and hasattr(model.encoder, "set_item_features"):
+        model.encoder.set_item_features(torch.as_tensor(prepared.item_features, device=device))
     sharded = config.train.sharding == "row"
     loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
     # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.

@@ -18,9 +18,9 @@ from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model
 from dist_rec.train.step import Optimizers, train_step
 
-DIMS = Dimensions(num_items=40, num_users=7, num_delta_buckets=8, num_event_types=4)
-ALL_INPUTS = {"item_feature_sizes": [5, 3], "user_feature_sizes": [4], "context_size": 3,
-              "value_feedback": True, "value_head": True, "feature_dim": 4}
+DIMS = Dimensions(num_items=40, num_users=7, num_delta_buckets=8, num_event_types=4,
+                  item_feature_sizes=(5, 3), user_feature_sizes=(4,), num_contexts=3)
+ALL_INPUTS = {"value_feedback": True, "value_head": True, "feature_dim": 4}
 
 
 
@@ -30,12 +30,12 @@ def build(options: dict, dims: Dimensions = DIMS, seed: int = 0, **sizes):
     model = build_model(config, dims)
     encoder = model.encoder
     generator = torch.Generator().manual_seed(seed)
-    if options.get("item_feature_sizes"):
+    if dims.item_feature_sizes:
         features = torch.stack([torch.randint(1, size + 1, (dims.num_items + 1,), generator=generator)
-                                for size in options["item_feature_sizes"]], dim=1)
+                                for size in dims.item_feature_sizes], dim=1)
         features[0] = 0
         encoder.set_item_features(features)
-    if options.get("user_feature_sizes"):
+    if dims.user_feature_sizes:
         encoder.set_user_features(torch.randint(0, 5, (dims.num_users + 1, 1), generator=generator))
     return model
 
@@ -96,7 +96,7 @@ def test_left_padding_changes_nothing():
 
 def test_decoder_mixes_id_and_feature_scores_by_lambda():
     """eq. 2 by hand: phi~ = (1 - lambda) (w_j h + b_j) + lambda (w(f_j) h + b(f_j))."""
-    model = build({"item_feature_sizes": [5, 3]})
+    model = build({})
     encoder, tables, scorer = model.encoder, model.tables, model.scorer
     with torch.no_grad():
         tables.bias.weight.normal_()
@@ -129,11 +129,11 @@ def test_decoder_mixes_id_and_feature_scores_by_lambda():
 
 
 def test_bad_feature_tables_are_named():
-    model = build({"item_feature_sizes": [5]})
-    with pytest.raises(ValueError, match="field 0 has codes in"):
-        model.encoder.set_item_features(torch.full((DIMS.num_items + 1, 1), 6))
+    model = build({})
+    with pytest.raises(ValueError, match="field 1 has codes in"):
+        model.encoder.set_item_features(torch.full((DIMS.num_items + 1, 2), 4))
     with pytest.raises(ValueError, match="expected"):
-        model.encoder.set_item_features(torch.zeros(3, 1, dtype=torch.int64))
+        model.encoder.set_item_features(torch.zeros(3, 2, dtype=torch.int64))
 
 
 def test_gradients_float64():
@@ -216,8 +216,9 @@ def test_cold_start_items_ranked_from_features_far_above_random():
     users = np.arange(1, 301)
     batches = [windows(train[i:i + 50], users[i:i + 50]) for i in range(0, 300, 50)]
 
-    dims = Dimensions(num_items=200, num_users=400, num_delta_buckets=4, num_event_types=4)
-    model = build({"item_feature_sizes": [10], "feature_dim": 8}, dims, embedding_dim=16, hidden_dim=16)
+    dims = Dimensions(num_items=200, num_users=400, num_delta_buckets=4, num_event_types=4,
+                      item_feature_sizes=(10,))
+    model = build({"feature_dim": 8}, dims, embedding_dim=16, hidden_dim=16)
     model.encoder.set_item_features(torch.as_tensor(categories).unsqueeze(1))
     model, losses = fit(model, batches)
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.5
