@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from dist_rec.batch import SequenceBatch
-from dist_rec.config import ModelConfig, SamplerConfig
-from dist_rec.embeddings.optim import RowWiseAdagrad
+from dist_rec.config import ModelConfig
 from dist_rec.evaluation.metrics import ndcg, precision, reciprocal_rank
 from dist_rec.evaluation.protocols import ModelRanker
-from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model
-from dist_rec.train.step import Optimizers, train_step
+from tests.models.toy_training import fit
 
 DIMS = Dimensions(num_items=40, num_users=7, num_delta_buckets=8, num_event_types=4,
                   item_feature_sizes=(5, 3), user_feature_sizes=(4,), num_contexts=3)
@@ -191,20 +189,6 @@ def left_align_without(histories: np.ndarray, drop: np.ndarray) -> np.ndarray:
         kept = history[~np.isin(history, drop)]
         out[row, len(history) - len(kept):] = kept
     return out
-
-
-def fit(model, batches, loss: str = "full_softmax", steps: int = 300, seed: int = 0):
-    counts = np.ones(model.tables.num_items + 1)
-    counts[0] = 0
-    loss_fn = build_loss(SamplerConfig(loss=loss, num_negatives=64), counts)
-    optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=0.01),
-                            sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
-    generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model.train()
-    losses = [train_step(model, batches[rng.integers(len(batches))], loss_fn, optimizers, generator)
-              for _ in range(steps)]
-    return model.eval(), losses
 
 
 def test_cold_start_items_ranked_from_features_far_above_random():
