@@ -6,12 +6,14 @@ the file without touching each other's tables.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,16 +32,18 @@ NUM_USERS, NUM_DELTA_BUCKETS, NUM_EVENT_TYPES = 1000, 32, 4
 
 
 def machine() -> dict:
-    """CPU model, cores, memory and library versions of this machine."""
-    cpu = "unknown"
+    """CPU model, bf16 support, cores, memory and library versions of this machine."""
+    cpu, flags = "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(total_memory_bytes() / 2**30, 1),
+    return {"cpu": cpu, "avx512_bf16": "avx512_bf16" in flags, "cores": os.cpu_count(),
+            "memory_gib": round(total_memory_bytes() / 2**30, 1),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
@@ -153,3 +157,43 @@ def zipf_workload(num_items: int, rows: int, window: int, count: int, batch_seed
         "target_types": rng.integers(1, NUM_EVENT_TYPES + 1, shape),
         "users": rng.integers(1, NUM_USERS + 1, rows)}) for sequence in ids[positions]]
     return counts, batches
+
+
+def benchmark_parser(doc: str, quick_help: str, docs_help: str) -> argparse.ArgumentParser:
+    """The flags every benchmark script shares: --quick, --write-docs and the internal --one."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--write-docs", action="store_true", help=docs_help)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, in a fresh process
+    return parser
+
+
+def run_one(args: argparse.Namespace, measure: Callable[[dict], dict]) -> bool:
+    """In a --one child: measure the JSON configuration, print the result as JSON, return True."""
+    if not args.one:
+        return False
+    print(json.dumps(measure(json.loads(args.one))))
+    return True
+
+
+def spawn(script: str, config: dict, timeout_s: float | None = None) -> dict:
+    """Run `script --one config` in a fresh interpreter, so its peak RSS is its own; a crash or a
+    timeout becomes an {"error": ...} entry (exit -9 is most likely the out-of-memory killer)."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, script, "--one", json.dumps(config)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ran past {timeout_s} s"}
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - started}
+
+
+def save_figure(figure, path: Path) -> None:
+    """Lay out, write (100 dpi, creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from dist_rec.config import EVENT_TYPES, SamplerConfig
 from dist_rec.embeddings.table import ItemTables
-from dist_rec.losses import (FullSoftmax, SampledLoss, binary_cross_entropy, bpr_max, build_loss,
-                             event_weights, full_softmax, sampled_softmax)
+from dist_rec.losses import (FullSoftmax, SampledLoss, _drop_hits_, binary_cross_entropy, bpr_max,
+                             build_loss, event_weights, full_softmax, sampled_softmax)
 
 C, D, N = 40, 6, 12  # 40 items (rows 1..40), row 0 padding
 
@@ -157,6 +157,41 @@ def test_in_batch_negatives_against_the_definition_and_mixture_correction():
     # The call path draws from the generator and gives the same value as above.
     value = loss(hidden, targets, tables, None, torch.Generator().manual_seed(5))
     torch.testing.assert_close(value, got[0])
+
+
+def test_workspace_is_reused_only_once_the_graph_that_saved_it_is_gone():
+    """Forwards whose graphs are alive get their own buffers, so gradients are exact whether
+    graphs are backpropagated one by one, together, or twice (retain_graph)."""
+    tables = make_tables()
+    hidden, targets = batch(tables)
+    loss = SampledLoss("sampled_softmax", np.r_[0, np.ones(C)], num_negatives=16)
+
+    def value(h, seed):
+        return loss(h, targets, tables, None, torch.Generator().manual_seed(seed))
+
+    alone = [loss_and_grads(lambda h: value(h, seed), hidden, tables) for seed in (1, 2)]
+    together = loss_and_grads(lambda h: value(h, 1) + value(h, 2), hidden, tables)
+    for a, b, both in zip(*alone, together):
+        torch.testing.assert_close(a + b, both)
+
+    first = value(hidden.clone().requires_grad_(), 1)
+    first.backward(retain_graph=True)
+    value(hidden, 2)                                    # would take the buffer if it were free
+    tables.zero_grad(set_to_none=True)
+    first.backward()
+    torch.testing.assert_close(tables.output.weight.grad.to_dense(), alone[0][2])
+    del first                                           # graph gone: the buffer comes back
+    address = [loss.workspace.take("negatives", N, 16, hidden)[0].data_ptr() for _ in range(2)]
+    assert address[0] == address[1]
+
+
+def test_accidental_hits_dropped_exactly_with_repeats_on_both_sides():
+    targets = torch.tensor([3, 5, 3, 9, 1, 5, 5])
+    candidates = torch.tensor([5, 2, 3, 5, 7, 3, 5, 8])
+    logits = torch.zeros(len(targets), len(candidates))
+    _drop_hits_(logits, targets, candidates)
+    hits = targets.unsqueeze(1) == candidates
+    assert torch.equal(logits == torch.finfo(logits.dtype).min, hits)
 
 
 @pytest.fixture

@@ -111,9 +111,11 @@ def test_rebuild_grows_the_catalog_and_keeps_alpha():
     np.testing.assert_allclose(implied_probabilities(sampler), np.array([0, 2, 1, 0, 3]) / 6, atol=1e-7)
 
 
-def test_same_seed_same_draws_and_to_device():
+@pytest.mark.parametrize("num", [1000, 40_000])  # one piece; several CPU chunks
+def test_same_seed_same_draws_and_to_device(num):
     sampler = AliasSampler.from_weights(np.arange(100, dtype=float)).to("cpu")
-    a = sampler.sample(1000, torch.Generator().manual_seed(11))
-    b = sampler.sample(1000, torch.Generator().manual_seed(11))
-    assert torch.equal(a, b) and a.dtype == torch.int64 and a.shape == (1000,)
-    assert not torch.equal(a, sampler.sample(1000, torch.Generator().manual_seed(12)))
+    a = sampler.sample(num, torch.Generator().manual_seed(11))
+    b = sampler.sample(num, torch.Generator().manual_seed(11))
+    assert torch.equal(a, b) and a.dtype == torch.int64 and a.shape == (num,)
+    assert not torch.equal(a, sampler.sample(num, torch.Generator().manual_seed(12)))
+    assert a.min() >= 1 and a.max() <= 99
