@@ -367,11 +367,13 @@ def _stat(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def _grouped(records: list[dict], dataset: str) -> list[tuple[tuple[str, str], list[dict]]]:
-    groups: dict[tuple[str, str], list[dict]] = {}
+def _grouped(records: list[dict], dataset: str) -> list[tuple[tuple[str, str, str], list[dict]]]:
+    """Rows: one per model, loss and command, so seeds of one run are averaged and runs with
+    other budgets or settings stay apart."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in records:
         if r["dataset"] == dataset:
-            groups.setdefault((r["model"], r["loss"]), []).append(r)
+            groups.setdefault((r["model"], r["loss"], r.get("command", "")), []).append(r)
     order = {m: i for i, m in enumerate(MODELS[dataset])}
     return sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))
 
@@ -398,7 +400,7 @@ def render_tables(records: list[dict]) -> str:
         header = ["model", "loss", "seeds", *(c[0] for c in columns), "published",
                   published_header, "epochs (best)", "train s"]
         out += [f"### {title}", "", _row(header), _row(["---"] * len(header))]
-        for (model, loss), rs in groups:
+        for (model, loss, _), rs in groups:
             name, figures = published.get(model, ("—", ()))
             out.append(_row([model, loss, str(len(rs)),
                              *(_stat([r[section][key] for r in rs]) for _, section, key in columns),
