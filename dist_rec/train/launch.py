@@ -27,7 +27,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (RAY_ADDRESS / `address`) or start an embedded local one.
 
     The local one advertises one CPU more than the machine has: the training workers reserve
-    a CPU each, and Ray Data's read tasks need one left over or the stream never starts.
+    a CPU each, and Ray Data's read tasks need one left over or the stream never starts. It runs
+    the dashboard: Ray Train's placement-group cleaner polls the state API it serves (without it,
+    a warning every few seconds), and users get the dashboard's view of the run (~2 s at start).
     """
     if ray.is_initialized():
         return
@@ -35,7 +37,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=True, log_to_driver=True,
                  # Workers import dist_rec from this checkout, like the driver does.
                  runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}})
 
