@@ -334,7 +334,7 @@ def time_steps(args, dataset: str, seconds: float, rounds: int = 4) -> Iterator[
         for loss in args.loss:
             yield {"dataset": dataset, "model": name, "loss": loss,
                    "events_per_second": round(events[loss] / elapsed[loss]),
-                   "seconds_per_epoch": round(windows.num_events * elapsed[loss] / events[loss], 1),
+                   "seconds_per_epoch": float(f"{windows.num_events * elapsed[loss] / events[loss]:.3g}"),
                    "timed_seconds": round(elapsed[loss], 1), "rounds": rounds,
                    "load_before": load, "load_after": os.getloadavg()[0]}
 
