@@ -59,3 +59,23 @@ def test_cli_config_round_trip(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == printed
     with pytest.raises(SystemExit):
         main(["train", "--set", "train.no_such_field=1", "--print-config"])
+
+
+@pytest.mark.s3
+def test_smoke_job_checkpoints_to_s3_and_a_new_job_resumes_from_there(ray_cluster, tmp_path, s3_storage):
+    """The same path with storage on a real S3 API (moto on 127.0.0.1): Ray Train's run state and
+    our checkpoints go to the bucket, and the second job restores from it, not from local disk.
+    Credentials reach the Ray workers through the config (the cluster started without them)."""
+    s3 = ["--storage", s3_storage.uri, "--s3-endpoint", s3_storage.endpoint_url,
+          "--set", f"storage.key={s3_storage.key}", "--set", f"storage.secret={s3_storage.secret}",
+          "--set", f"storage.region={s3_storage.region}"]
+    first = pipeline.run(smoke_job(tmp_path, *s3))
+    assert first["checkpoint"].startswith(s3_storage.uri + "/")
+    manifest = checkpoint.read_manifest(s3_storage, first["checkpoint"])
+    assert manifest["world_size"] == 2 and manifest["num_rows"] == first["items"] + 1
+
+    second = pipeline.run(smoke_job(tmp_path, *s3, "--epochs", "2"))
+    assert second["metrics"]["epoch"] == 2
+    assert second["metrics"]["step"] == 2 * first["metrics"]["step"]       # only epoch 2 was trained
+    assert checkpoint.latest_checkpoint(s3_storage, "smoke") == second["checkpoint"]
+    assert not (tmp_path / "runs").exists()                                 # nothing went to local disk
