@@ -10,20 +10,23 @@ propensity weights, item-trend decomposition: HRNN paper sec. 3.2). Catalog grow
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
 HOUR = 3600
 
 
-class Popularity:
-    """Shared parts; subclasses implement `update` and `counts`."""
+class Popularity(ABC):
+    """Shared parts; each estimator implements `update`, `counts` and `_grow`."""
 
     def __init__(self, num_items: int):
         self.num_items = num_items
 
+    @abstractmethod
     def counts(self, now: float | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """(num_items + 1,) float64 popularity at `now`; row 0 = 0."""
 
     def grow(self, num_items: int) -> None:
         """Append zero rows for new item ids (the vocabulary only grows)."""
@@ -32,8 +35,9 @@ class Popularity:
         self._grow(num_items - self.num_items)
         self.num_items = num_items
 
+    @abstractmethod
     def _grow(self, extra: int) -> None:
-        raise NotImplementedError
+        """Make room for `extra` new item ids at the end."""
 
     def probabilities(self, now: float | None = None, smoothing: float = 0.0) -> np.ndarray:
         """(num_items + 1,) float64: (counts + smoothing) normalised over ids >= 1; row 0 = 0."""
