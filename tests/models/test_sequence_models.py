@@ -1,5 +1,5 @@
 """Caser, ConvRec, DynamicRec and SASRec under the encoder interface: shapes, causality, padding
-invariance, gradients, and learning a planted next-item rule far better than MostPop."""
+invariance, gradients (learning a planted rule: test_every_model.py)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,6 @@ from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
 from dist_rec.models import Dimensions, build_model
 from dist_rec.models import caser, convrec, dynamicrec, sasrec
-from dist_rec.models.baselines import most_pop
 from dist_rec.models.convrec import LightweightConv
 from dist_rec.models.dynamicrec import DynamicConv
 
@@ -167,66 +166,3 @@ def test_recommended_configs_build(module):
     assert config.tied_embeddings == (module is not caser)
     hidden = build_model(config, DIMS).hidden(make_batch(random_items(2, 10, [10, 3], seed=6)))
     assert hidden.shape == (2, 10, config.hidden_dim)
-
-
-# --- learning a planted rule -------------------------------------------------------------------
-
-def successor(items: torch.Tensor) -> torch.Tensor:
-    """The planted rule: item i is followed by (7i + 3) mod 200 + 1 (a permutation of 1..200)."""
-    return (items * 7 + 3) % NUM_ITEMS + 1
-
-
-def planted_world(rows: int, length: int, gen: torch.Generator, pad: bool = True) -> SequenceBatch:
-    """Sequences of `length` events following the rule with probability 0.9 (else a uniform item);
-    with `pad`, each row keeps a random 2..length most recent events, left-padded."""
-    sequences = torch.empty(rows, length, dtype=torch.int64)
-    sequences[:, 0] = torch.randint(1, NUM_ITEMS + 1, (rows,), generator=gen)
-    for t in range(1, length):
-        follow = torch.rand(rows, generator=gen) < 0.9
-        noise = torch.randint(1, NUM_ITEMS + 1, (rows,), generator=gen)
-        sequences[:, t] = torch.where(follow, successor(sequences[:, t - 1]), noise)
-    if pad:
-        real = torch.randint(2, length + 1, (rows,), generator=gen)
-        sequences[torch.arange(length) < (length - real).unsqueeze(1)] = 0
-    users = torch.randint(1, DIMS.num_users + 1, (rows,), generator=gen)
-    return make_batch(sequences, users)
-
-
-def hit_rate_at_10(top: torch.Tensor, targets: torch.Tensor) -> float:
-    return (top == targets.unsqueeze(1)).any(1).double().mean().item()
-
-
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # Adagrad's sparse row updates
-@pytest.mark.parametrize("name", ["caser", "convrec", "dynamicrec", "sasrec"])
-def test_learns_planted_rule(name):
-    options = {"caser": {"window": 3}, "convrec": {"kernel_size": 5}}.get(name, {})
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, embedding_dim=32, hidden_dim=32,
-                                    tied_embeddings=name != "caser", options=options), DIMS)
-    dense = torch.optim.Adam(model.dense_parameters(), lr=0.01)
-    tables = torch.optim.Adagrad(model.sparse_parameters(), lr=0.1)  # sparse row gradients
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(80):
-        batch = planted_world(64, 9, gen)
-        hidden = model.hidden(batch)[batch.mask]                     # (N, D)
-        weight, bias = model.tables.output_weight()
-        logits = torch.addmm(bias[1:], hidden, weight[1:].t())       # full softmax over 1..200
-        loss = F.cross_entropy(logits, batch.targets[batch.mask] - 1)
-        dense.zero_grad()
-        tables.zero_grad()
-        loss.backward()
-        dense.step()
-        tables.step()
-
-    test = planted_world(1000, 9, torch.Generator().manual_seed(2), pad=False)
-    # Predict the last event from the 8 before it: the input window is items[:, :-1].
-    history, targets = make_batch(test.items[:, :-1], test.users), test.items[:, -1]
-    model.eval()
-    with torch.no_grad():
-        model_hr = hit_rate_at_10(model.tables.topk(model.hidden(history)[:, -1], 10)[1], targets)
-    seen = planted_world(1000, 9, torch.Generator().manual_seed(3)).items
-    popular = most_pop(NUM_ITEMS).fit(seen)
-    pop_hr = hit_rate_at_10(popular.topk(history, 10), targets)
-    # Ceiling 0.9 + 0.1 * 10/200 = 0.905; MostPop on a near-uniform catalog: about 10/200.
-    assert model_hr > 0.8, model_hr
-    assert pop_hr < 0.1, pop_hr
