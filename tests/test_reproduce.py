@@ -89,6 +89,10 @@ def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     trained = by["yoochoose", "gru4rec"]
     assert trained["epochs"] == trained["best_epoch"] == len(trained["valid_curve"]) == 1
     assert trained["loss"] == "full_softmax"
+    # Item tables: Adagrad lr 0.05 on YooChoose, 0.2 on Amazon's rarer items; --sparse-lr overrides.
+    assert (trained["recipe"]["sparse_lr"], by["amazon", "gru4rec"]["recipe"]["sparse_lr"]) == (0.05, 0.2)
+    assert reproduce.recipe("amazon", "sasrec", reproduce.parse_args(["--sparse-lr", "0.1"]).sparse_lr
+                            ).sparse_lr == 0.1
     assert 0.0 <= trained["test"]["hr@20"] <= 1.0 and trained["events_per_second"] > 0
     assert len(results.read_text().splitlines()) == 5
     assert all(r["code"] for r in records)                      # the commit the code came from
