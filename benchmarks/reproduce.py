@@ -125,7 +125,8 @@ def recipe(dataset: str, name: str, sparse_lr: float | None = None) -> Recipe:
     # Amazon's items are rare (12 events each on average, against 31 on YooChoose), so
     # their rows learn faster with a larger step: SASRec's valid NDCG@10 after 4 epochs was
     # 0.455 / 0.507 / 0.496 with lr 0.05 / 0.2 / 0.5 (full softmax, 2026-11-29, docs/results.md).
-    return Recipe(config, sparse_lr=sparse_lr or (0.05 if sessions else 0.2))
+    default_lr = 0.05 if sessions else 0.2
+    return Recipe(config, sparse_lr=default_lr if sparse_lr is None else sparse_lr)
 
 
 # ---------------------------------------------------------------------------------------- data
