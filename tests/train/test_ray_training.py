@@ -3,12 +3,14 @@ it trains, evaluates, checkpoints, and a new job with more epochs resumes from t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from dist_rec import checkpoint
 from dist_rec.cli import build_parser, config_from_args
+from dist_rec.data import synthetic
 from dist_rec.train import pipeline
 
 pytestmark = pytest.mark.ray
@@ -79,3 +81,14 @@ def test_smoke_job_checkpoints_to_s3_and_a_new_job_resumes_from_there(ray_cluste
     assert second["metrics"]["step"] == 2 * first["metrics"]["step"]       # only epoch 2 was trained
     assert checkpoint.latest_checkpoint(s3_storage, "smoke") == second["checkpoint"]
     assert not (tmp_path / "runs").exists()                                 # nothing went to local disk
+
+
+def test_synthetic_events_are_regenerated_when_the_generator_changes(tmp_path, monkeypatch):
+    job = smoke_job(tmp_path)
+    first = pipeline.events_uri(job)
+    assert pipeline.events_uri(job) == first          # same settings, same code: reused
+    changed = tmp_path / "synthetic.py"
+    changed.write_bytes(Path(synthetic.__file__).read_bytes() + b"\n# a changed generator\n")
+    monkeypatch.setattr(synthetic, "__file__", str(changed))
+    second = pipeline.events_uri(job)
+    assert second != first and Path(second).exists() and Path(first).exists()
