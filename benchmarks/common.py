@@ -32,7 +32,7 @@ NUM_USERS, NUM_DELTA_BUCKETS, NUM_EVENT_TYPES = 1000, 32, 4
 
 
 def machine() -> dict:
-    """CPU model, bf16 support, cores, memory and library versions of this machine."""
+    """CPU model, bf16 support, cores, memory, GPU (if any) and library versions of this machine."""
     cpu, flags = "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,8 +42,9 @@ def machine() -> dict:
                 flags = line.split(":", 1)[1].split()
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "avx512_bf16": "avx512_bf16" in flags, "cores": os.cpu_count(),
-            "memory_gib": round(total_memory_bytes() / 2**30, 1),
+            "memory_gib": round(total_memory_bytes() / 2**30, 1), "gpu": gpu,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
@@ -103,11 +104,23 @@ def median_rate(work: Callable[[], None], amount: float, repeats: int, warmup: i
     return statistics.median(rates), rates
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 torch.mm size^3 into a reused output, median GFLOP/s: the machine's compute ceiling."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    rate, _ = median_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3, repeats, warmup=2)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on `device`, so that a wall-clock timing covers it (CPU: no-op)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
+    """torch.mm size^3 into a reused output, median GFLOP/s: the device's compute ceiling."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+
+    def product() -> None:
+        torch.mm(a, b, out=out)
+        synchronize(device)
+
+    rate, _ = median_rate(product, 2.0 * size ** 3, repeats, warmup=2)
     return rate / 1e9
 
 

@@ -29,7 +29,8 @@ from torch.autograd.function import once_differentiable
 
 from common import (NUM_DELTA_BUCKETS, NUM_EVENT_TYPES, NUM_USERS, ROOT, benchmark_parser, command_line,
                     cpu_times, emit, load_average, machine, markdown_table, matmul_gflops, median_rate, now_utc,
-                    peak_rss_bytes, replace_section, run_one, save_figure, spawn, total_memory_bytes,
+                    peak_rss_bytes, replace_section, run_one, save_figure, spawn, synchronize,
+                    total_memory_bytes,
                     zipf_workload)
 from dist_rec.config import ModelConfig, SamplerConfig
 from dist_rec.embeddings.optim import RowWiseAdagrad
@@ -122,25 +123,32 @@ def check_dense() -> float:
 
 
 def train_figures(config: dict) -> dict:
-    """Train one configuration in this (fresh) process -> events/s, peak RSS and state bytes."""
+    """Train one configuration -> events/s, peak RSS and state bytes (and, on a GPU, its peak
+    allocated memory). On the CPU it runs in a fresh process, so that the peak RSS is its own."""
+    device = torch.device(config.get("device", "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config["seed"])
     counts, batches = zipf_workload(config["num_items"], config["batch"], WINDOW, NUM_BATCHES,
                                    batch_seed=config["seed"], exponent=ZIPF_EXPONENT)
-    model = build_model(ModelConfig(name=config["model"], embedding_dim=config["embedding"],
-                                    hidden_dim=config["hidden"], tied_embeddings=config["tied"]),
-                        Dimensions(config["num_items"], NUM_USERS, NUM_DELTA_BUCKETS, NUM_EVENT_TYPES))
+    batches = [batch.to(device) for batch in batches]
+    with device:   # tables initialised where they live: 16M rows on the CPU first take minutes
+        model = build_model(ModelConfig(name=config["model"], embedding_dim=config["embedding"],
+                                        hidden_dim=config["hidden"], tied_embeddings=config["tied"]),
+                            Dimensions(config["num_items"], NUM_USERS, NUM_DELTA_BUCKETS, NUM_EVENT_TYPES)).to(device)
     if config["loss"] == "dense":
-        loss_fn = BlockedFullSoftmax()
+        loss_fn = BlockedFullSoftmax(config.get("dense_block_bytes", DENSE_BLOCK_BYTES))
     else:
-        loss_fn = build_loss(SamplerConfig(num_negatives=NEGATIVES, alpha=ALPHA), counts)
+        loss_fn = build_loss(SamplerConfig(num_negatives=NEGATIVES, alpha=ALPHA), counts).to(device)
     optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=1e-3),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.05))
-    generator = torch.Generator().manual_seed(config["seed"])
+    generator = torch.Generator(device=device).manual_seed(config["seed"])
     batch_cycle = itertools.cycle(batches)
 
     def steps():
         for _ in range(config["steps"]):
             train_step(model, next(batch_cycle), loss_fn, optimizers, generator, bf16=config.get("bf16", False))
+        synchronize(device)
 
     events = config["steps"] * config["batch"] * WINDOW
     rate, rates = median_rate(steps, events, config["repeats"], config["warmup"])
@@ -150,8 +158,11 @@ def train_figures(config: dict) -> dict:
     sampler = 0 if config["loss"] == "dense" else sum(
         tensor.numel() * tensor.element_size() for tensor in
         (loss_fn.sampler.prob, loss_fn.sampler.alias, loss_fn.sampler.log_q, loss_fn.log_q, loss_fn.log_data_q))
-    return {"events_per_s": rate, "runs_events_per_s": rates, "peak_rss_bytes": peak_rss_bytes(),
-            "state_bytes": state, "sampler_bytes": sampler}
+    figures = {"events_per_s": rate, "runs_events_per_s": rates, "peak_rss_bytes": peak_rss_bytes(),
+               "state_bytes": state, "sampler_bytes": sampler}
+    if device.type == "cuda":
+        figures["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return figures
 
 
 def flops_per_event(input_dim: int, hidden: int, scored: int, output_dim: int) -> int:

@@ -36,7 +36,7 @@ import torch._dynamo  # noqa: F401  optimizers import it on first use (~70 MB of
 
 from common import (NUM_DELTA_BUCKETS, NUM_EVENT_TYPES, NUM_USERS, ROOT, benchmark_parser, command_line,
                     cpu_times, emit, load_average, machine, markdown_table, median_rate, now_utc, peak_rss_bytes,
-                    replace_section, run_one, save_figure, spawn, zipf_workload)
+                    replace_section, run_one, save_figure, spawn, synchronize, zipf_workload)
 from dist_rec.config import SamplerConfig
 from dist_rec.embeddings.optim import RowWiseAdagrad
 from dist_rec.losses import build_loss
@@ -91,34 +91,51 @@ def saved_bytes(work) -> int:
 
 
 def step_figures(config: dict) -> dict:
-    """Train one (model, T) in this fresh process -> seconds per step, loss seconds, memory."""
+    """Train one (model, T) -> seconds per step, loss seconds, memory. On the CPU it runs in a
+    fresh process (RSS figures); on a GPU the memory figures are the allocator's: "device growth"
+    is the step's peak allocated bytes minus those allocated once everything was built."""
+    device = torch.device(config.get("device", "cpu"))
     torch.manual_seed(0)
     counts, batches = zipf_workload(config["num_items"], config["batch"], config["length"],
                                    count=config["repeats"] + 1, batch_seed=0)
+    batches = [batch.to(device) for batch in batches]
     model_settings = model_config(config["model"], config["length"])
-    model = build_model(model_settings, Dimensions(config["num_items"], NUM_USERS, NUM_DELTA_BUCKETS, NUM_EVENT_TYPES))
-    loss_fn = build_loss(SamplerConfig(num_negatives=config["negatives"], alpha=0.75), counts)
+    model = build_model(model_settings, Dimensions(config["num_items"], NUM_USERS, NUM_DELTA_BUCKETS,
+                                                   NUM_EVENT_TYPES)).to(device)
+    loss_fn = build_loss(SamplerConfig(num_negatives=config["negatives"], alpha=0.75), counts).to(device)
     optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=1e-3),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.05))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     built = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        built_device = torch.cuda.memory_allocated(device)
     # A new batch every step; the warm-up step (batch 0) also counts the saved tensors.
     queue = iter(batches)
 
     def step() -> None:
-        train_step(model, next(queue), loss_fn, optimizers, generator)
+        train_step(model, next(queue), loss_fn, optimizers, generator)   # its loss.item() waits for the GPU
 
     saved = saved_bytes(step)
     rate, rates = median_rate(step, 1.0, config["repeats"], warmup=0)
     peak = peak_rss_bytes()
+    figures = {"step_s": 1 / rate, "runs_step_s": [1 / r for r in rates],
+               "peak_rss_bytes": peak, "built_rss_bytes": built, "rss_growth_bytes": peak - built,
+               "saved_bytes": saved, "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
+    if device.type == "cuda":
+        figures.update(device_growth_bytes=torch.cuda.max_memory_allocated(device) - built_device,
+                       peak_device_bytes=torch.cuda.max_memory_allocated(device))
     # The loss alone, forward and backward, on hidden states of the step's shape (the steps warmed it up).
-    hidden = torch.randn(config["batch"] * config["length"], model_settings.hidden_dim, requires_grad=True)
+    hidden = torch.randn(config["batch"] * config["length"], model_settings.hidden_dim, device=device,
+                         requires_grad=True)
     targets = batches[0].targets.reshape(-1)
-    loss_rate, _ = median_rate(lambda: loss_fn(hidden, targets, model.tables, None, generator).backward(),
-                               1.0, config["repeats"], warmup=0)
-    return {"step_s": 1 / rate, "runs_step_s": [1 / r for r in rates], "loss_s": 1 / loss_rate,
-            "peak_rss_bytes": peak, "built_rss_bytes": built, "rss_growth_bytes": peak - built,
-            "saved_bytes": saved, "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
+
+    def loss_alone() -> None:
+        loss_fn(hidden, targets, model.tables, None, generator).backward()
+        synchronize(device)
+
+    loss_rate, _ = median_rate(loss_alone, 1.0, config["repeats"], warmup=0)
+    return {**figures, "loss_s": 1 / loss_rate}
 
 
 def slope(lengths: list[int], values: list[float]) -> float:
