@@ -199,12 +199,13 @@ def item_counts(sequences: list[np.ndarray], num_items: int) -> np.ndarray:
 
 def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.ndarray,
           sampler: SamplerConfig, validate: Callable[[ModelRanker], float], seed: int,
-          max_epochs: int, patience: int, seconds: float) -> tuple[ModelRanker, dict]:
+          max_epochs: int, patience: int, seconds: float, device: str = "cpu"
+          ) -> tuple[ModelRanker, dict]:
     """Train until the validation score has not improved for `patience` epochs, `max_epochs`, or
     `seconds` run out (checked between batches); returns the best epoch's model and a summary."""
     torch.manual_seed(seed)
-    model, loss_fn, optimizers = _trainable(recipe, dims, sampler, counts)
-    generator = torch.Generator().manual_seed(seed)
+    model, loss_fn, optimizers = _trainable(recipe, dims, sampler, counts, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
     best, best_state, best_epoch, epochs, events, curve = -math.inf, None, 0, 0, 0, []
     started = time.perf_counter()
@@ -212,7 +213,7 @@ def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.n
     while epochs < max_epochs and not out_of_time and epochs - best_epoch < patience:
         model.train()
         for batch in epoch_batches(windows, recipe.batch_size, rng):
-            train_step(model, batch, loss_fn, optimizers, generator)
+            train_step(model, batch.to(device), loss_fn, optimizers, generator)
             events += batch.num_events
             if time.perf_counter() - started > seconds:
                 out_of_time = True
@@ -226,19 +227,20 @@ def train(recipe: Recipe, dims: Dimensions, windows: SequenceBatch, counts: np.n
             best, best_epoch, best_state = score, epochs, copy.deepcopy(model.state_dict())
     train_seconds = time.perf_counter() - started
     model.load_state_dict(best_state)
-    return ModelRanker(model), {"recipe": dataclasses.asdict(recipe), "epochs": epochs, "best_epoch": best_epoch,
+    return ModelRanker(model), {"recipe": dataclasses.asdict(recipe), "device": device,
+                                "epochs": epochs, "best_epoch": best_epoch,
                                 "stopped_by_budget": out_of_time, "valid_curve": curve,
                                 "train_seconds": round(train_seconds, 1),
                                 "events_per_second": round(events / train_seconds)}
 
 
-def _trainable(recipe: Recipe, dims: Dimensions, sampler: SamplerConfig, counts: np.ndarray
-               ) -> tuple[torch.nn.Module, Callable, Optimizers]:
+def _trainable(recipe: Recipe, dims: Dimensions, sampler: SamplerConfig, counts: np.ndarray,
+               device: str = "cpu") -> tuple[torch.nn.Module, Callable, Optimizers]:
     """A fresh model, its loss and its optimizers (Adam on the encoder, Adagrad on the tables)."""
-    model = build_model(recipe.config, dims)
+    model = build_model(recipe.config, dims).to(device)
     optimizers = Optimizers(torch.optim.Adam(model.dense_parameters(), lr=recipe.dense_lr),
                             RowWiseAdagrad(model.sparse_parameters(), lr=recipe.sparse_lr))
-    return model, build_loss(sampler, counts), optimizers
+    return model, build_loss(sampler, counts).to(device), optimizers
 
 
 # ---------------------------------------------------------------------------------- protocols
@@ -246,7 +248,7 @@ def _trainable(recipe: Recipe, dims: Dimensions, sampler: SamplerConfig, counts:
 
 def yoochoose_data(args, seed: int) -> tuple[SequenceBatch, np.ndarray, Dimensions, tuple]:
     """Training windows, item counts, dimensions and (train, valid, test) sessions."""
-    sessions = load_sessions(FILES["yoochoose"], QUICK["yoochoose"] if args.quick else None)
+    sessions = load_sessions(args.files["yoochoose"], QUICK["yoochoose"] if args.quick else None)
     num_items = int(max(s.max() for s in sessions))
     train_sessions, valid, test = split_sessions(sessions, seed)
     counts = item_counts(train_sessions, num_items)
@@ -268,7 +270,7 @@ def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict
         else:
             ranker, info = train(recipe("yoochoose", name, args.sparse_lr), dims, windows, counts,
                                  _sampler(args, loss), lambda r: last_item(r, valid)["mrr@10"],
-                                 seed, args.epochs, args.patience, budget())
+                                 seed, args.epochs, args.patience, budget(), args.device)
         every = session_every_position(ranker, test, (20,), progress=False)
         yield {"test": last_item(ranker, test), "every_position": every, **info,
                "model": name, "loss": loss}
@@ -277,7 +279,7 @@ def run_yoochoose(args, seed: int, budget: Callable[[], float]) -> Iterator[dict
 def amazon_data(args, seed: int) -> tuple[SequenceBatch, np.ndarray, Dimensions, tuple]:
     """Training windows, item counts, dimensions and (histories, train part); `seed` is unused
     (leave-one-out has no random split)."""
-    histories = load_user_items(FILES["amazon"], QUICK["amazon"] if args.quick else None)
+    histories = load_user_items(args.files["amazon"], QUICK["amazon"] if args.quick else None)
     num_items = int(max(x.max() for x in histories.items))
     train_part, _, _ = split_leave_one_out(histories)
     counts = item_counts(train_part.items, num_items)
@@ -302,7 +304,7 @@ def run_amazon(args, seed: int, budget: Callable[[], float]) -> Iterator[dict]:
             ranker, info = train(recipe("amazon", name, args.sparse_lr), dims, windows, counts,
                                  _sampler(args, loss),
                                  lambda r: protocol(r, "valid", 5_000)["sampled_ndcg@10"],
-                                 seed, args.epochs, args.patience, budget())
+                                 seed, args.epochs, args.patience, budget(), args.device)
         yield {"test": protocol(ranker, "test", 10_000), **info, "model": name, "loss": loss}
 
 
@@ -316,9 +318,10 @@ def time_steps(args, dataset: str, seconds: float, rounds: int = 4) -> Iterator[
         rec = recipe(dataset, name, args.sparse_lr)
         torch.manual_seed(args.first_seed)
         rng = np.random.default_rng(args.first_seed)
-        batches = list(epoch_batches(windows, rec.batch_size, rng))
-        runs = {loss: (*_trainable(rec, dims, _sampler(args, loss), counts),
-                       torch.Generator().manual_seed(args.first_seed)) for loss in args.loss}
+        batches = [batch.to(args.device) for batch in epoch_batches(windows, rec.batch_size, rng)]
+        runs = {loss: (*_trainable(rec, dims, _sampler(args, loss), counts, args.device),
+                       torch.Generator(device=args.device).manual_seed(args.first_seed))
+                for loss in args.loss}
         events, elapsed, steps = dict.fromkeys(args.loss, 0), dict.fromkeys(args.loss, 0.0), 0
         load = os.getloadavg()[0]
         for turn in range(rounds + 1):                       # turn 0: warm-up, not counted
@@ -440,8 +443,9 @@ def machine() -> str:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, {platform.system()}")
+            f"{torch.get_num_threads()} threads, {platform.system()}{gpu}")
 
 
 def code_version() -> str:
@@ -494,6 +498,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparse-lr", type=float, default=None,
                         help="row-wise Adagrad lr of the item tables (default: 0.05 YooChoose, 0.2 Amazon)")
     parser.add_argument("--quick", action="store_true", help="tiny slice, 2 epochs, 1 seed")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"folder holding {', '.join(f.name for f in FILES.values())} (default {DATA})")
+    parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
     parser.add_argument("--results", type=Path, default=None,
                         help=f"JSONL of raw records (default {RESULTS.relative_to(ROOT)}; "
                              f"with --quick {QUICK_RESULTS.relative_to(ROOT)})")
@@ -512,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--models: unknown {unknown}; known: {known}")
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 2), 1
+    args.files = FILES if args.data_dir is None else {name: args.data_dir / path.name
+                                                      for name, path in FILES.items()}
     if args.results is None:
         args.results = QUICK_RESULTS if args.quick else RESULTS
     return args

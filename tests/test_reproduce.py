@@ -49,6 +49,8 @@ def test_epoch_batches_cover_every_row_once_and_drop_only_padding_columns():
 
 
 def _write_data(tmp_path: Path) -> dict:
+    """Tiny data sets under the real files' names -> {dataset: path}."""
+    files = {name: tmp_path / path.name for name, path in reproduce.FILES.items()}
     rng = np.random.default_rng(0)
     # Sessions: random items 2..30 and always item 1 last, so MostPop (item 1 is the most
     # frequent training item) ranks every test target first: HR = NDCG = MRR = 1 exactly.
@@ -56,14 +58,14 @@ def _write_data(tmp_path: Path) -> dict:
     for _ in range(50):
         items = list(rng.integers(2, 31, rng.integers(3, 7))) + [1]
         lines.append(",".join(map(str, [0] * (10 - len(items)) + items)))
-    (tmp_path / "sessions.csv").write_text("\n".join(lines) + "\n")
+    files["yoochoose"].write_text("\n".join(lines) + "\n")
     pairs = []
     for user in range(1, 41):
         items = [1] + list(rng.integers(2, 150, rng.integers(3, 7))) + [1]
         pairs += [f"{user} {item}" for item in items]
     pairs.append("41 150")                                     # the catalog reaches 150
-    (tmp_path / "user_item.txt").write_text("\n".join(pairs) + "\n")
-    return {"yoochoose": tmp_path / "sessions.csv", "amazon": tmp_path / "user_item.txt"}
+    files["amazon"].write_text("\n".join(pairs) + "\n")
+    return files
 
 
 def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
@@ -88,7 +90,7 @@ def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     assert amazon["sampled_hr@10"] == amazon["sampled_ndcg@10"] == amazon["full_ndcg@10"] == 1.0
     trained = by["yoochoose", "gru4rec"]
     assert trained["epochs"] == trained["best_epoch"] == len(trained["valid_curve"]) == 1
-    assert trained["loss"] == "full_softmax"
+    assert trained["loss"] == "full_softmax" and trained["device"] == "cpu"
     # Item tables: Adagrad lr 0.05 on YooChoose, 0.2 on Amazon's rarer items; --sparse-lr overrides.
     assert (trained["recipe"]["sparse_lr"], by["amazon", "gru4rec"]["recipe"]["sparse_lr"]) == (0.05, 0.2)
     assert reproduce.recipe("amazon", "sasrec", reproduce.parse_args(["--sparse-lr", "0.1"]).sparse_lr
@@ -149,10 +151,11 @@ def test_raw_records_go_to_the_tracked_file_and_quick_ones_do_not():
     assert reproduce.parse_args(["--results", "x.jsonl"]).results == Path("x.jsonl")
 
 
-def test_time_steps_times_each_loss_on_the_same_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "FILES", _write_data(tmp_path))
+def test_time_steps_times_each_loss_on_the_same_batches(tmp_path):
+    _write_data(tmp_path)
     results = tmp_path / "results.jsonl"
-    records = reproduce.main(["--dataset", "yoochoose", "--models", "mostpop,gru4rec",
+    records = reproduce.main(["--data-dir", str(tmp_path), "--device", "cpu",
+                              "--dataset", "yoochoose", "--models", "mostpop,gru4rec",
                               "--loss", "full_softmax,sampled_softmax", "--negatives", "8",
                               "--time-steps", "0.1", "--results", str(results)])
     assert [(r["model"], r["loss"]) for r in records] == [("gru4rec", "full_softmax"),
@@ -161,5 +164,6 @@ def test_time_steps_times_each_loss_on_the_same_batches(tmp_path, monkeypatch):
         assert r["events_per_second"] > 0 and r["seconds_per_epoch"] > 0 and r["code"]
         assert r["timed_seconds"] >= 0.1
     assert not results.exists()                                 # the runs' file is untouched
+    assert reproduce.parse_args(["--data-dir", str(tmp_path)]).files == _write_data(tmp_path)
     timing = tmp_path / "results_step_timing.jsonl"
     assert len(timing.read_text().splitlines()) == 2
