@@ -1,6 +1,8 @@
 """GPU: the training path on one CUDA device, checked against the CPU, then timed.
 
-    python benchmarks/gpu.py [--quick] [--device cuda] [--write-docs]
+    python benchmarks/gpu.py [--quick] [--device cuda] [--parts checks,catalog,gru4rec,lengths]
+                             [--sizes 10k 1M] [--write-docs]
+    python benchmarks/gpu.py --render benchmarks/results/gpu.jsonl   # docs from a run's raw lines
 
 One process on one device, what a Ray Train GPU worker runs (`--device cpu --quick` checks the
 script on a machine without one). fp32 means fp32: TF32 is off for matmuls and cuDNN.
