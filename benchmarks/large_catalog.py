@@ -158,10 +158,11 @@ def train_figures(config: dict) -> dict:
     sampler = 0 if config["loss"] == "dense" else sum(
         tensor.numel() * tensor.element_size() for tensor in
         (loss_fn.sampler.prob, loss_fn.sampler.alias, loss_fn.sampler.log_q, loss_fn.log_q, loss_fn.log_data_q))
-    figures = {"events_per_s": rate, "runs_events_per_s": rates, "peak_rss_bytes": peak_rss_bytes(),
-               "state_bytes": state, "sampler_bytes": sampler}
-    if device.type == "cuda":
+    figures = {"events_per_s": rate, "runs_events_per_s": rates, "state_bytes": state, "sampler_bytes": sampler}
+    if device.type == "cuda":       # in-process on a GPU: the process's RSS would not be this run's
         figures["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        figures["peak_rss_bytes"] = peak_rss_bytes()
     return figures
 
 

@@ -119,12 +119,13 @@ def step_figures(config: dict) -> dict:
     saved = saved_bytes(step)
     rate, rates = median_rate(step, 1.0, config["repeats"], warmup=0)
     peak = peak_rss_bytes()
-    figures = {"step_s": 1 / rate, "runs_step_s": [1 / r for r in rates],
-               "peak_rss_bytes": peak, "built_rss_bytes": built, "rss_growth_bytes": peak - built,
-               "saved_bytes": saved, "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
-    if device.type == "cuda":
+    figures = {"step_s": 1 / rate, "runs_step_s": [1 / r for r in rates], "saved_bytes": saved,
+               "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
+    if device.type == "cuda":       # in-process on a GPU: the process's RSS would not be this run's
         figures.update(device_growth_bytes=torch.cuda.max_memory_allocated(device) - built_device,
                        peak_device_bytes=torch.cuda.max_memory_allocated(device))
+    else:
+        figures.update(peak_rss_bytes=peak, built_rss_bytes=built, rss_growth_bytes=peak - built)
     # The loss alone, forward and backward, on hidden states of the step's shape (the steps warmed it up).
     hidden = torch.randn(config["batch"] * config["length"], model_settings.hidden_dim, device=device,
                          requires_grad=True)

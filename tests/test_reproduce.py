@@ -151,11 +151,17 @@ def test_raw_records_go_to_the_tracked_file_and_quick_ones_do_not():
     assert reproduce.parse_args(["--results", "x.jsonl"]).results == Path("x.jsonl")
 
 
-def test_time_steps_times_each_loss_on_the_same_batches(tmp_path):
+def test_data_dir_reads_the_data_sets_from_another_folder(tmp_path):
     _write_data(tmp_path)
+    records = reproduce.main(["--data-dir", str(tmp_path), "--dataset", "amazon", "--models", "mostpop",
+                              "--seeds", "1", "--results", str(tmp_path / "results.jsonl")])
+    assert records[0]["test"]["count"] == 40                    # the tiny file's users, not ../shared's
+
+
+def test_time_steps_times_each_loss_on_the_same_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "FILES", _write_data(tmp_path))
     results = tmp_path / "results.jsonl"
-    records = reproduce.main(["--data-dir", str(tmp_path), "--device", "cpu",
-                              "--dataset", "yoochoose", "--models", "mostpop,gru4rec",
+    records = reproduce.main(["--dataset", "yoochoose", "--models", "mostpop,gru4rec",
                               "--loss", "full_softmax,sampled_softmax", "--negatives", "8",
                               "--time-steps", "0.1", "--results", str(results)])
     assert [(r["model"], r["loss"]) for r in records] == [("gru4rec", "full_softmax"),
@@ -164,6 +170,5 @@ def test_time_steps_times_each_loss_on_the_same_batches(tmp_path):
         assert r["events_per_second"] > 0 and r["seconds_per_epoch"] > 0 and r["code"]
         assert r["timed_seconds"] >= 0.1
     assert not results.exists()                                 # the runs' file is untouched
-    assert reproduce.parse_args(["--data-dir", str(tmp_path)]).files == _write_data(tmp_path)
     timing = tmp_path / "results_step_timing.jsonl"
     assert len(timing.read_text().splitlines()) == 2
