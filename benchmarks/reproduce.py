@@ -399,26 +399,29 @@ def _cost(rs: list[dict]) -> list[str]:
 
 
 def render_tables(records: list[dict]) -> str:
-    """Markdown tables of every recorded result: mean ± sample sd over seeds beside the papers."""
+    """Markdown tables of every recorded result: mean ± sample sd over seeds beside the papers;
+    each row names the command that produced it by its number in the list under the tables."""
+    commands = {command: i for i, command in enumerate(sorted({r.get("command", "") for r in records}), 1)}
     out = []
     for title, dataset, columns, published_header, published in TABLES:
         groups = _grouped(records, dataset)
         if not groups:
             continue
         header = ["model", "loss", "seeds", *(c[0] for c in columns), "published",
-                  published_header, "epochs (best)", "train s"]
+                  published_header, "epochs (best)", "train s", "command"]
         out += [f"### {title}", "", _row(header), _row(["---"] * len(header))]
-        for (model, loss, _), rs in groups:
+        for (model, loss, command), rs in groups:
             name, figures = published.get(model, ("—", ()))
             out.append(_row([model, loss, str(len(rs)),
                              *(_stat([r[section][key] for r in rs]) for _, section, key in columns),
-                             name, " / ".join(f"{x:.4f}" for x in figures) or "—", *_cost(rs)]))
+                             name, " / ".join(f"{x:.4f}" for x in figures) or "—", *_cost(rs),
+                             f"({commands[command]})"]))
         out.append("")
     dates = sorted(r["date"][:16] for r in records)
     out += [("Cells: mean ± sample standard deviation over seeds (one value: one seed). "
              "epochs (best): epochs trained per seed and, in brackets, the epoch kept by "
              "validation; * = stopped by the time budget."),
-            "", "Commands:", "", *sorted({f"    {r['command']}" for r in records}), "",
+            "", "Commands:", "", *(f"    ({i}) {command}" for command, i in commands.items()), "",
             f"Machine: {records[-1]['machine']}. Dates (UTC): {dates[0]} to {dates[-1]}."]
     return "\n".join(out)
 

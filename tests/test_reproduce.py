@@ -100,7 +100,8 @@ def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     assert all(r["code"] for r in records)                      # the commit the code came from
     text = docs.read_text()
     assert "intro kept" in text and "notes kept" in text and "old" not in text
-    assert "| mostpop | - | 1 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | MostPop | 0.0326 / 0.0566 / 0.0150 / 0.0199 | — | — |" in text
+    assert "| mostpop | - | 1 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | MostPop | 0.0326 / 0.0566 / 0.0150 / 0.0199 | — | — | (1) |" in text
+    assert "    (1) python benchmarks/reproduce.py --models mostpop,gru4rec,user_gru" in text   # rows name their command
 
 
 def test_tables_show_mean_and_sample_sd_over_seeds():
