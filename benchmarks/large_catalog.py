@@ -123,8 +123,8 @@ def check_dense() -> float:
 
 
 def train_figures(config: dict) -> dict:
-    """Train one configuration -> events/s, peak RSS and state bytes (and, on a GPU, its peak
-    allocated memory). On the CPU it runs in a fresh process, so that the peak RSS is its own."""
+    """Train one configuration -> events/s, state bytes and peak memory: RSS on the CPU (run in a
+    fresh process, so that the peak is its own), allocated device bytes on a GPU (in-process)."""
     device = torch.device(config.get("device", "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
