@@ -29,6 +29,10 @@ class DataConfig:
     window_length: int = 32              # T: (input, target) pairs per training window
     rows_per_shard: int = 100_000        # windows per Parquet shard
     strict: bool = False                 # first bad row raises instead of being quarantined
+    # Metadata for HRNN-meta (Parquet events; see data/features.py):
+    carry_values: bool = False           # the events' `value` into the windows (feedback, value head)
+    context_column: str = ""             # event column of the request context, e.g. "device"
+    user_feature_columns: tuple[str, ...] = ()   # event columns of user attributes (newest per user)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ Layout of a prepared directory (local or s3://):
     item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
     item_features.npy         (num_items + 1, 1) dense category code per item (1..n; 0 = none),
                               only when the events have category_id (HRNN-meta's item features)
+    user_features.npy         (num_users + 1, G) code per user of each DataConfig.user_feature_columns
+                              (its newest event's), only when there are such columns
+    feature_codes.json        raw value -> code of the category, context and user feature fields
+                              (features.FieldCodes), so serving codes raw values as training did
     windows/part-*.parquet    training windows (sequences.build_windows), streamed by Ray Data
     test_histories.parquet    the held-out users' full histories (sequences.build_histories)
 
@@ -28,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dist_rec.config import DataConfig
+from dist_rec.data.features import FieldCodes, newest_codes
 from dist_rec.data.readers import read_events, read_user_behavior
 from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
 from dist_rec.data.vocab import Vocabulary
@@ -49,6 +54,7 @@ class PreparedData:
     num_train_events: int
     storage_options: dict[str, Any]
     item_features: np.ndarray | None = None   # (num_items + 1, F) int64 codes, or None
+    user_features: np.ndarray | None = None   # (num_users + 1, G) int64 codes, or None
 
     @staticmethod
     def load(uri: str, storage_options: dict[str, Any] | None = None) -> "PreparedData":
@@ -59,13 +65,13 @@ class PreparedData:
             raise FileNotFoundError(f"{uri}: not a prepared data directory (no meta.json); "
                                     f"run `dist-rec prepare` first") from None
         counts = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_counts.npy"))))
-        features = None
-        if meta["dimensions"].get("item_feature_sizes"):
-            features = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_features.npy"))))
-        dims = {name: tuple(value) if isinstance(value, list) else value
-                for name, value in meta["dimensions"].items()}
-        return PreparedData(uri, Dimensions(**dims), counts, meta["vocab_hash"], meta["num_windows"],
-                            meta["num_train_events"], storage_options or {}, features)
+        dims = Dimensions(**{name: tuple(value) if isinstance(value, list) else value
+                             for name, value in meta["dimensions"].items()})
+        features = {kind: np.load(io.BytesIO(fs.cat_file(posixpath.join(root, f"{kind}_features.npy"))))
+                    if getattr(dims, f"{kind}_feature_sizes") else None for kind in ("item", "user")}
+        return PreparedData(uri, dims, counts, meta["vocab_hash"], meta["num_windows"],
+                            meta["num_train_events"], storage_options or {}, features["item"],
+                            features["user"])
 
     def test_histories(self) -> pa.Table:
         fs, root = filesystem(self.uri, self.storage_options)
@@ -75,6 +81,12 @@ class PreparedData:
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.load(posixpath.join(self.uri, "vocab"), self.storage_options)
 
+    def feature_codes(self) -> dict[str, FieldCodes]:
+        """Field name ("category", "context", or a user feature column) -> its codes."""
+        fs, root = filesystem(self.uri, self.storage_options)
+        raw = json.loads(fs.cat_file(posixpath.join(root, "feature_codes.json")))
+        return {name: FieldCodes.from_json(codes) for name, codes in raw.items()}
+
 
 def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
                     quarantine_uri: str | None) -> pa.Table:
@@ -83,12 +95,20 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
     Bad rows go to `quarantine_uri` (source file, line, reason) and never take good rows along.
     """
     uri = config.events_uri
+    metadata = ((config.context_column,) if config.context_column else ()) + config.user_feature_columns
     if uri.endswith((".csv", ".csv.gz")):
+        if config.carry_values or metadata:
+            raise ValueError(f"{uri}: UserBehavior.csv has no value, context or user feature "
+                             f"columns, but DataConfig asks for carry_values="
+                             f"{config.carry_values}, {metadata or 'no metadata columns'}; "
+                             f"give such events as Parquet")
         events, _ = read_user_behavior(uri, config, storage_options, quarantine_uri)
     else:
         names = ("user_id", "item_id", "timestamp", "event_type", "category_id")
+        names += ("value",) if config.carry_values else ()
         events, _ = read_events(uri, {n: n for n in names}, config, file_format="parquet",
-                                     storage_options=storage_options, quarantine_uri=quarantine_uri)
+                                features=metadata, storage_options=storage_options,
+                                quarantine_uri=quarantine_uri)
     return events  # the reader logged its quarantine summary
 
 
@@ -103,9 +123,15 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     train_events, test_events = events.filter(pc.invert(held_out)), events.filter(held_out)
 
     vocab = Vocabulary.from_config(train_events, config)
-    train = build_histories(train_events, vocab, config)
     test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
-    test = build_histories(test_events, test_vocab, config)
+    codes = _fit_codes(train_events, config)
+    contexts = codes.get("context")
+
+    def context_codes(table: pa.Table) -> np.ndarray | None:
+        return None if contexts is None else contexts.encode(table[contexts.column])
+
+    train = build_histories(train_events, vocab, config, context_codes(train_events))
+    test = build_histories(test_events, test_vocab, config, context_codes(test_events))
     windows = build_windows(train, config)
     logger.info("prepared %d training users, %d windows, %d test users, %d items",
                 train.num_rows, windows.num_rows, test.num_rows, vocab.num_items)
@@ -117,16 +143,26 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
     counts[0] = 0
     _save_array(fs, posixpath.join(root, "item_counts.npy"), counts.astype(np.int64))
-    feature_sizes: tuple[int, ...] = ()
-    if "category_id" in train_events.column_names:
-        features, num_categories = item_categories(train_events, vocab)
-        _save_array(fs, posixpath.join(root, "item_features.npy"), features)
-        feature_sizes = (num_categories,)
+    item_fields = [codes["category"]] if "category" in codes else []
+    user_fields = [codes[column] for column in config.user_feature_columns]
+    if item_fields:   # from the training events: a test user's events never reach the model
+        _save_array(fs, posixpath.join(root, "item_features.npy"),
+                    entity_features(train_events, "item_id", vocab.items.encode, vocab.num_items,
+                                    item_fields))
+    if user_fields:   # attributes, not interactions: every user's, test users' included
+        _save_array(fs, posixpath.join(root, "user_features.npy"),
+                    entity_features(events, "user_id", test_vocab.users.encode,
+                                    test_vocab.num_users, user_fields))
+    fs.pipe_file(posixpath.join(root, "feature_codes.json"),
+                 json.dumps({name: c.to_json() for name, c in codes.items()}, indent=2).encode())
     vocab.save(posixpath.join(out_uri, "vocab"), storage_options)
 
     dims = Dimensions(num_items=vocab.num_items, num_users=test_vocab.num_users,
                       num_delta_buckets=config.num_delta_buckets,
-                      num_event_types=len(config.event_types), item_feature_sizes=feature_sizes)
+                      num_event_types=len(config.event_types),
+                      item_feature_sizes=tuple(c.size for c in item_fields),
+                      user_feature_sizes=tuple(c.size for c in user_fields),
+                      num_contexts=0 if contexts is None else contexts.size)
     meta = {"dimensions": dims.__dict__, "vocab_hash": vocab.hash, "num_windows": windows.num_rows,
             "num_train_events": int(counts.sum()), "test_users": test.num_rows,
             "events_uri": config.events_uri}
@@ -134,17 +170,23 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     return PreparedData.load(out_uri, storage_options)
 
 
-def item_categories(events: pa.Table, vocab: Vocabulary) -> tuple[np.ndarray, int]:
-    """(num_items + 1, 1) dense category code per dense item id (1..n by ascending raw category;
-    0 for padding) and n. An item listed under several categories keeps its latest event's."""
-    categories, codes = np.unique(events["category_id"].to_numpy(), return_inverse=True)
-    newest_first = np.argsort(events["timestamp"].to_numpy(), kind="stable")[::-1]
-    items = vocab.items.encode(events["item_id"])[newest_first]
-    unique_items, newest = np.unique(items, return_index=True)         # each item's newest event
-    known = unique_items > 0
-    features = np.zeros((vocab.num_items + 1, 1), np.int64)
-    features[unique_items[known], 0] = codes[newest_first][newest[known]] + 1
-    return features, len(categories)
+def _fit_codes(train_events: pa.Table, config: DataConfig) -> dict[str, FieldCodes]:
+    """The categorical fields the events have, coded from the training events."""
+    columns = {"category": "category_id"} if "category_id" in train_events.column_names else {}
+    if config.context_column:
+        columns["context"] = config.context_column
+    columns.update({column: column for column in config.user_feature_columns})
+    return {name: FieldCodes.fit(column, train_events[column]) for name, column in columns.items()}
+
+
+def entity_features(events: pa.Table, id_column: str, encode, num_ids: int,
+                    fields: list[FieldCodes]) -> np.ndarray:
+    """(num_ids + 1, F) int64: per dense id (row 0 = padding, all 0) the code of each field,
+    from the id's newest event with a known value. `encode`: raw ids -> dense ids (0 = unknown)."""
+    owners = encode(events[id_column])
+    timestamps = events["timestamp"].to_numpy()
+    return np.stack([newest_codes(owners, timestamps, field.encode(events[field.column]),
+                                  num_ids + 1) for field in fields], axis=1)
 
 
 def _save_array(fs, path: str, array: np.ndarray) -> None:

@@ -2,14 +2,19 @@
 
 Histories table (one row per user, ascending dense user id; events by (timestamp, file order)):
     user int64 dense id; items list<int64> dense ids; timestamps list<int64>;
-    event_types list<int8> codes 1..n (DataConfig.event_types order)
+    event_types list<int8> codes 1..n (DataConfig.event_types order);
+    optional: values list<float32> (DataConfig.carry_values), contexts list<int64> codes (0 = unknown)
 Windows table (one row per window of T = DataConfig.window_length steps, LEFT-padded with 0):
     user int64; items, targets, deltas, event_types, target_types: fixed_size_list<int64>[T];
-    session_starts: fixed_size_list<bool>[T]
+    session_starts: fixed_size_list<bool>[T];
+    optional: values, target_values: fixed_size_list<float32>[T]; contexts: fixed_size_list<int64>[T]
 Step t of a window pairs input event x_t with target x_{t+1}; deltas[t] = delta_bucket of
 t_{t+1} - t_t; session_starts[t] = x_t opens a session (the user's first event, or a gap to the
 previous event > DataConfig.session_gap_seconds). A user's n events give n - 1 steps, cut into
-consecutive windows of T steps; only the last may be shorter.
+consecutive windows of T steps; only the last may be shorter. values[t] is x_t's value and
+target_values[t] x_{t+1}'s. contexts[t] is the context of the request that step t answers, which
+is x_{t+1}'s (the device the user is on when the next item is shown), just as deltas[t] is the
+time of that request; at serving time it is the caller's context (history_batch's now_contexts).
 Shards: <dir>/part-00000.parquet, ... (local or s3://); temporary names are "_tmp-<uuid>-part-N".
 
 Everything works on flat numpy arrays with offsets: no Python loop per user or per event.
@@ -31,6 +36,7 @@ from dist_rec.data.schema import event_type_codes
 from dist_rec.data.vocab import Vocabulary
 
 STEP_COLUMNS = ("items", "targets", "deltas", "event_types", "target_types", "session_starts")
+OPTIONAL_STEP_COLUMNS = ("values", "target_values", "contexts")   # present when the data has them
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -53,8 +59,12 @@ def session_starts(timestamps: np.ndarray, offsets: np.ndarray, gap_seconds: int
     return starts
 
 
-def build_histories(events: pa.Table, vocab: Vocabulary, data_config: DataConfig) -> pa.Table:
-    """Event table -> histories table (see module doc); events of unknown items/users dropped."""
+def build_histories(events: pa.Table, vocab: Vocabulary, data_config: DataConfig,
+                    contexts: np.ndarray | None = None) -> pa.Table:
+    """Event table -> histories table (see module doc); events of unknown items/users dropped.
+
+    values come from the events' `value` column when data_config.carry_values; contexts (n,) are
+    the events' context codes (features.FieldCodes), None when the data has no context."""
     items = vocab.items.encode(events["item_id"])
     users = vocab.users.encode(events["user_id"])
     keep = (items > 0) & (users > 0)
@@ -76,10 +86,15 @@ def build_histories(events: pa.Table, vocab: Vocabulary, data_config: DataConfig
     def lists(values: np.ndarray, kind: pa.DataType) -> pa.ListArray:
         return pa.ListArray.from_arrays(offsets, pa.array(values[order], kind))
 
-    return pa.table({"user": pa.array(users[firsts], pa.int64()),
-                     "items": lists(items, pa.int64()),
-                     "timestamps": lists(timestamps, pa.int64()),
-                     "event_types": lists(codes, pa.int8())})
+    columns = {"user": pa.array(users[firsts], pa.int64()),
+               "items": lists(items, pa.int64()),
+               "timestamps": lists(timestamps, pa.int64()),
+               "event_types": lists(codes, pa.int8())}
+    if data_config.carry_values:
+        columns["values"] = lists(events["value"].to_numpy()[keep], pa.float32())
+    if contexts is not None:
+        columns["contexts"] = lists(np.asarray(contexts, np.int64)[keep], pa.int64())
+    return pa.table(columns)
 
 
 def build_windows(histories: pa.Table, data_config: DataConfig) -> pa.Table:
@@ -103,12 +118,17 @@ def build_windows(histories: pa.Table, data_config: DataConfig) -> pa.Table:
     chunk_length = np.minimum(length, steps[owner] - chunk * length)
     row = first_window[owner] + chunk
     position = length - chunk_length + rank - chunk * length   # left padding
-    grid = _place({"items": items[src], "targets": items[src + 1],
-                   "deltas": delta_bucket(timestamps[src + 1] - timestamps[src],
-                                          data_config.num_delta_buckets),
-                   "event_types": codes[src], "target_types": codes[src + 1],
-                   "session_starts": starts[src]},
-                  row, position, int(per_user.sum()), length)
+    columns = {"items": items[src], "targets": items[src + 1],
+             "deltas": delta_bucket(timestamps[src + 1] - timestamps[src],
+                                    data_config.num_delta_buckets),
+             "event_types": codes[src], "target_types": codes[src + 1],
+             "session_starts": starts[src]}
+    if "values" in histories.column_names:
+        values, _ = _flat(histories["values"])
+        columns.update(values=values[src], target_values=values[src + 1])
+    if "contexts" in histories.column_names:
+        columns["contexts"] = _flat(histories["contexts"])[0][src + 1]   # the request's context
+    grid = _place(columns, row, position, int(per_user.sum()), length)
     users = np.repeat(histories["user"].to_numpy(), per_user)
     return _windows_table(users, grid)
 
@@ -116,12 +136,17 @@ def build_windows(histories: pa.Table, data_config: DataConfig) -> pa.Table:
 def history_batch(items: Sequence[np.ndarray], timestamps: Sequence[np.ndarray],
                   event_types: Sequence[np.ndarray] | None, now: np.ndarray | None,
                   data_config: DataConfig, max_length: int,
-                  users: np.ndarray | None = None) -> SequenceBatch:
+                  users: np.ndarray | None = None, values: Sequence[np.ndarray] | None = None,
+                  contexts: Sequence[np.ndarray] | None = None,
+                  now_contexts: np.ndarray | None = None) -> SequenceBatch:
     """Per-user histories (B lists of (n_b,) dense item ids, timestamps and type codes; None
     types = all the first type) -> LEFT-padded (B, max_length) batch of each user's last events.
 
     targets[t] = items[t+1] and targets[-1] = 0; deltas[-1] = bucket(now - ts[-1]) (0 when now is
     None), so hidden[:, -1] is the prediction for `now` (B,) int64. users (B,) defaults to 0.
+    Optional, as in the windows: values (B lists of (n_b,) float) give values and target_values;
+    contexts (B lists of (n_b,) codes) give contexts[t] = the next event's context, and
+    contexts[-1] = now_contexts (B,) (0 = unknown when None).
     """
     counts = np.array([len(x) for x in items], np.int64)
     offsets = np.r_[0, np.cumsum(counts)]
@@ -144,11 +169,20 @@ def history_batch(items: Sequence[np.ndarray], timestamps: Sequence[np.ndarray],
     rank = np.arange(len(flat_items)) - offsets[:-1][owner]
     position = max_length - counts[owner] + rank
     kept = position >= 0
-    grid = _place({"items": flat_items, "targets": np.where(is_last, 0, flat_items[following]),
-                   "deltas": deltas, "event_types": flat_codes,
-                   "target_types": np.where(is_last, 0, flat_codes[following]),
-                   "session_starts": starts},
-                  owner, position, len(counts), max_length, kept)
+    columns = {"items": flat_items, "targets": np.where(is_last, 0, flat_items[following]),
+             "deltas": deltas, "event_types": flat_codes,
+             "target_types": np.where(is_last, 0, flat_codes[following]),
+             "session_starts": starts}
+    if values is not None:
+        flat_values = _concat(values, np.float32)
+        columns.update(values=flat_values,
+                     target_values=np.where(is_last, 0, flat_values[following]).astype(np.float32))
+    if contexts is not None:
+        flat_contexts = _concat(contexts)
+        request = np.zeros(len(counts), np.int64) if now_contexts is None else now_contexts
+        columns["contexts"] = flat_contexts[following]
+        columns["contexts"][is_last] = np.asarray(request, np.int64)[owner[is_last]]
+    grid = _place(columns, owner, position, len(counts), max_length, kept)
     grid["users"] = np.zeros(len(counts), np.int64) if users is None else np.asarray(users)
     return SequenceBatch.from_numpy(grid)
 
@@ -161,11 +195,13 @@ def windows_to_batch(windows: pa.Table | pa.RecordBatch | Mapping[str, np.ndarra
     (B,) object arrays of (T,) arrays (Ray 2.60), which are stacked; (B, T) arrays pass as they
     are. batch_format="pyarrow" avoids the per-row stacking.
     """
+    names = STEP_COLUMNS + tuple(name for name in OPTIONAL_STEP_COLUMNS
+                                 if name in _column_names(windows))
     if isinstance(windows, (pa.Table, pa.RecordBatch)):
-        columns = {name: _matrix(windows.column(name)) for name in STEP_COLUMNS}
+        columns = {name: _matrix(windows.column(name)) for name in names}
         columns["users"] = np.array(windows.column("user").to_numpy())
     else:
-        columns = {name: _stack(windows[name]) for name in STEP_COLUMNS}
+        columns = {name: _stack(windows[name]) for name in names}
         columns["users"] = np.asarray(windows["user"])
     return SequenceBatch.from_numpy(columns)
 
@@ -207,14 +243,15 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values, np.r_[0, np.cumsum(lengths)].astype(np.int64)
 
 
-def _place(values: dict[str, np.ndarray], row: np.ndarray, position: np.ndarray, rows: int,
+def _place(columns: dict[str, np.ndarray], row: np.ndarray, position: np.ndarray, rows: int,
            length: int, keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Scatter flat (n,) values to (rows, length) grids at [row, position]; the rest is 0."""
     if keep is not None:
         row, position = row[keep], position[keep]
     grids = {}
-    for name, flat in values.items():
-        grid = np.zeros((rows, length), bool if flat.dtype == bool else np.int64)
+    for name, flat in columns.items():
+        kind = bool if flat.dtype == bool else np.float32 if flat.dtype.kind == "f" else np.int64
+        grid = np.zeros((rows, length), kind)
         grid[row, position] = flat if keep is None else flat[keep]
         grids[name] = grid
     return grids
@@ -222,8 +259,7 @@ def _place(values: dict[str, np.ndarray], row: np.ndarray, position: np.ndarray,
 
 def _windows_table(users: np.ndarray, grids: dict[str, np.ndarray]) -> pa.Table:
     columns = {"user": pa.array(users, pa.int64())}
-    for name in STEP_COLUMNS:
-        grid = grids[name]
+    for name, grid in grids.items():
         columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(grid.reshape(-1)),
                                                           grid.shape[1])
     return pa.table(columns)
@@ -241,5 +277,10 @@ def _stack(column: np.ndarray) -> np.ndarray:
     return np.stack(list(column)) if column.dtype == object else column
 
 
-def _concat(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.int64) for a in arrays]) if len(arrays) else _EMPTY
+def _concat(arrays: Sequence[np.ndarray], dtype: type = np.int64) -> np.ndarray:
+    return (np.concatenate([np.asarray(a, dtype) for a in arrays]) if len(arrays)
+            else _EMPTY.astype(dtype))
+
+
+def _column_names(windows: pa.Table | pa.RecordBatch | Mapping[str, np.ndarray]) -> list[str]:
+    return windows.column_names if isinstance(windows, (pa.Table, pa.RecordBatch)) else list(windows)

@@ -8,11 +8,14 @@ being the number of test events (or users) averaged over.
 Inputs: sessions are lists of 1-D arrays of dense item ids (0 = padding, stripped), e.g. the rows
 of a left-padded session file. User histories are a `Histories` or a pyarrow Table with list
 columns user / items / timestamps / event_types (the output of data.sequences.build_histories;
-timestamps and event_types may be absent: zeros and type 1 then).
+timestamps and event_types may be absent: zeros and type 1 then; values and contexts, when the
+table has them, reach the model as in training, the request's context being that of the event
+predicted, or of the first one of a multi-event ground truth).
 """
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
@@ -114,6 +117,8 @@ class Histories:
     items: list[np.ndarray]        # dense item ids >= 1
     timestamps: list[np.ndarray]   # unix seconds (zeros when the data has none)
     event_types: list[np.ndarray]  # codes 1..n (ones when the data has none)
+    values: list[np.ndarray] | None = None     # float32 event values (HRNN-meta), when carried
+    contexts: list[np.ndarray] | None = None   # int64 context codes (HRNN-meta), when carried
 
     def __len__(self) -> int:
         return len(self.items)
@@ -144,18 +149,28 @@ class Histories:
     def slices(self, rows: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> "Histories":
         """Users `rows` (R,), each cut to its events [starts[r], stops[r])."""
         cut = lambda arrays: [arrays[u][a:b] for u, a, b in zip(rows, starts, stops)]  # noqa: E731
-        return Histories(self.users[rows], cut(self.items), cut(self.timestamps),
-                         cut(self.event_types))
+        return self._map_events(cut, self.users[rows])
+
+    def _map_events(self, function, users: np.ndarray) -> "Histories":
+        """A Histories with `function` applied to every per-event list (absent ones stay None)."""
+        per_event = {name: None if getattr(self, name) is None else function(getattr(self, name))
+                     for name in ("items", "timestamps", "event_types", "values", "contexts")}
+        return Histories(users, **per_event)
+
+    def request_contexts(self) -> np.ndarray | None:
+        """(U,) the context of each user's first event (the request a ground truth answers)."""
+        return None if self.contexts is None else np.array([c[0] for c in self.contexts], np.int64)
 
 
-def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column -> (lengths (R,), flat values) as int64."""
+def _list_column(table: pa.Table, name: str, dtype: type = np.int64
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (lengths (R,), flat values as `dtype`)."""
     column = table.column(name).combine_chunks()
     if column.null_count:
         raise ValueError(f"histories table: column {name!r} has null rows")
     offsets = column.offsets.to_numpy()
     values = column.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return np.diff(offsets).astype(np.int64), values.astype(np.int64)
+    return np.diff(offsets).astype(np.int64), values.astype(dtype)
 
 
 def as_histories(data: Histories | pa.Table | Sequence[np.ndarray]) -> Histories:
@@ -172,10 +187,11 @@ def as_histories(data: Histories | pa.Table | Sequence[np.ndarray]) -> Histories
     if len(items) and items.min() < 1:
         row = np.searchsorted(np.cumsum(lengths), items.argmin(), side="right")
         raise ValueError(f"histories table: row {row} has item id {items.min()} (ids start at 1)")
-    flat = {"timestamps": np.zeros_like(items), "event_types": np.ones_like(items)}
+    flat = {"timestamps": np.zeros_like(items), "event_types": np.ones_like(items),
+            "values": None, "contexts": None}
     for name in flat:
         if name in data.column_names:
-            other, flat[name] = _list_column(data, name)
+            other, flat[name] = _list_column(data, name, np.float32 if name == "values" else np.int64)
             if (other != lengths).any():
                 row = np.flatnonzero(other != lengths)[0]
                 raise ValueError(f"histories table: row {row} has {lengths[row]} items but "
@@ -184,14 +200,14 @@ def as_histories(data: Histories | pa.Table | Sequence[np.ndarray]) -> Histories
     ends = np.cumsum(lengths)
     split = lambda values: [values[a:b] for a, b in zip(ends - lengths, ends)]  # noqa: E731
     return Histories(data.column("user").to_numpy(zero_copy_only=False).astype(np.int64),
-                     split(items), split(flat["timestamps"]), split(flat["event_types"]))
+                     split(items), **{name: None if values is None else split(values)
+                                      for name, values in flat.items()})
 
 
 def _sorted_by_time(h: Histories) -> Histories:
     """Stable sort of each user's events by timestamp (equal times keep their order)."""
     order = [np.argsort(t, kind="stable") for t in h.timestamps]
-    take = lambda arrays: [a[o] for a, o in zip(arrays, order)]  # noqa: E731
-    return Histories(h.users, take(h.items), take(h.timestamps), take(h.event_types))
+    return h._map_events(lambda arrays: [a[o] for a, o in zip(arrays, order)], h.users)
 
 
 def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -202,10 +218,12 @@ def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) 
 
 
 def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_config: DataConfig,
-             batch_size: int, progress: bool, desc: str
+             batch_size: int, progress: bool, desc: str, now_contexts: np.ndarray | None = None
              ) -> Iterator[tuple[slice, SequenceBatch]]:
     """(rows, batch) over `inputs`: each user's last `max_length` events (None: all),
-    right-aligned; now (U,) is the prediction time of each row's last position."""
+    right-aligned; now (U,) is the prediction time of each row's last position and now_contexts
+    (U,) its request context (when the histories carry contexts)."""
+    optional = lambda lists, rows: None if lists is None else lists[rows]  # noqa: E731
     for start in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress):
         rows = slice(start, start + batch_size)
         width = max(map(len, inputs.items[rows]))
@@ -214,7 +232,9 @@ def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_co
         # the predecessor of the first kept one (its session-start bit).
         yield rows, history_batch(inputs.items[rows], inputs.timestamps[rows],
                                   inputs.event_types[rows], now[rows], data_config, width,
-                                  users=inputs.users[rows])
+                                  users=inputs.users[rows], values=optional(inputs.values, rows),
+                                  contexts=optional(inputs.contexts, rows),
+                                  now_contexts=optional(now_contexts, rows))
 
 
 def _sessions(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -284,6 +304,36 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
                            data_config, batch_size, progress, "session steps")
         ranks = torch.cat([step_ranks(batch)[batch.mask] for _, batch in batches])
     return {**rank_metrics(ranks, ks, ("recall", "mrr")), "count": float(len(ranks))}
+
+
+def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
+                    batch_size: int = 256, data_config: DataConfig | None = None,
+                    progress: bool = False) -> dict[str, float]:
+    """Root mean squared error of a value head's prediction of each next event's value
+    (HRNN-meta, KDD 2020, sec. 4.3, Tables 4-5).
+
+    Rules: histories with values (a table from build_histories with DataConfig.carry_values);
+    each user's last `max_length` events, every event after the first predicted from the events
+    before it (and from the event's item, which the value head reads), `now` unused (the deltas
+    are the real gaps). Returns rmse (over events) and count (events).
+    """
+    h = as_histories(histories)
+    if h.values is None:
+        raise ValueError("next_value_rmse: the histories carry no values "
+                         "(prepare with DataConfig.carry_values)")
+    device = next(model.parameters()).device
+    squared, count = 0.0, 0
+    with _inference(model):
+        for _, batch in _batches(h, np.zeros(len(h), np.int64), max_length,
+                                 data_config or DataConfig(), batch_size, progress, "next value"):
+            batch = batch.to(device)
+            mask = batch.mask
+            predicted = model.predict_values(model.hidden(batch)[mask], batch.targets[mask])
+            squared += (predicted.double() - batch.target_values[mask].double()).pow(2).sum().item()
+            count += int(mask.sum())
+    if not count:
+        raise ValueError("next_value_rmse: no user has 2+ events")
+    return {"rmse": math.sqrt(squared / count), "count": float(count)}
 
 
 def split_leave_one_out(histories) -> tuple[Histories, Histories, Histories]:
@@ -358,7 +408,7 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
                                            num_negatives))
     sampled, full = [], []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
-                                progress, f"leave-one-out {target}"):
+                                progress, f"leave-one-out {target}", goal.request_contexts()):
         candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
         scores = ranker.candidate_scores(batch, candidates)
         sampled.append((scores[:, 1:] >= scores[:, :1]).sum(1))
@@ -380,7 +430,7 @@ def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: 
     recall = {c: [] for c in cutoffs}
     first_ranks = []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
-                                progress, desc):
+                                progress, desc, truth.request_contexts()):
         top = ranker.topk(batch, k)                                            # (B, k)
         expected = pad_sequence([torch.as_tensor(x) for x in truth.items[rows]],
                                 batch_first=True)                              # (B, M)

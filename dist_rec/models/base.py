@@ -100,6 +100,17 @@ class NextItemModel(nn.Module):
         extra = getattr(self._encoder, "auxiliary_loss", None)
         return None if extra is None else extra(batch, hidden, self.tables)
 
+    @property
+    def predicts_values(self) -> bool:
+        """Whether the encoder has a value head (HRNN-meta's `value_head` option)."""
+        return getattr(self._encoder, "value_head", None) is not None
+
+    def predict_values(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden (N, D), next items (N,) -> (N,) predicted values of the next events."""
+        if not self.predicts_values:
+            raise ValueError(f"{type(self._encoder).__name__} has no value head")
+        return self._encoder.predict_values(hidden, targets, self.tables)
+
     def dense_parameters(self) -> list[nn.Parameter]:
         """Encoder parameters: trained by a dense optimizer under DDP."""
         return list(self.encoder.parameters())

@@ -7,6 +7,7 @@ the test users, checkpoint (every rank its table rows, rank 0 the dense state) a
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import pyarrow.fs
@@ -22,7 +23,7 @@ from dist_rec.config import JobConfig
 from dist_rec.data.prepare import PreparedData
 from dist_rec.data.streaming import iterate_batches
 from dist_rec.embeddings.optim import RowWiseAdagrad
-from dist_rec.evaluation.protocols import ModelRanker, tdm_first_half
+from dist_rec.evaluation.protocols import ModelRanker, next_value_rmse, tdm_first_half
 from dist_rec.losses import build_loss, event_weights
 from dist_rec.models import build_model
 from dist_rec.storage import pyarrow_filesystem
@@ -44,8 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
     model = build_model(config.model, prepared.dimensions, config.train.sharding,
                         config.train.seed).to(device)
-    if prepared.item_features is not None and hasattr(model.encoder, "set_item_features"):
-        model.encoder.set_item_features(torch.as_tensor(prepared.item_features, device=device))
+    load_features(model.encoder, prepared)
     sharded = config.train.sharding == "row"
     loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
     # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
@@ -102,6 +102,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
 
 
+def load_features(encoder: torch.nn.Module, prepared: PreparedData) -> None:
+    """HRNN-meta's per-item and per-user code tables, when the encoder reads them and the
+    prepared data has them."""
+    for kind in ("item", "user"):
+        codes = getattr(prepared, f"{kind}_features")
+        setter = getattr(encoder, f"set_{kind}_features", None)
+        if codes is not None and setter is not None:
+            setter(torch.as_tensor(codes))
+
+
 def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world_size: int,
               sharded: bool) -> dict[str, float]:
     """TDM first-half/second-half on the test users.
@@ -113,13 +123,26 @@ def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world
     users = prepared.test_histories()
     if not sharded:
         users = users.take(list(range(rank, users.num_rows, world_size)))
-    result = tdm_first_half(ModelRanker(model), users, k=200, ks=(20,), num_users=None,
-                            data_config=config.data, progress=False)
-    count = result.pop("count")
-    if sharded or world_size == 1:
-        return result
-    names = sorted(result)
-    totals = torch.tensor([result[name] * count for name in names] + [count], dtype=torch.float64)
+    ranking = tdm_first_half(ModelRanker(model), users, k=200, ks=(20,), num_users=None,
+                             data_config=config.data, progress=False)
+    parts = [ranking]
+    if model.predicts_values:
+        # HRNN-meta's value head (paper Tables 4-5): RMSE averaged as a mean squared error.
+        values = next_value_rmse(model, users, data_config=config.data)
+        parts.append({"value_mse": values["rmse"] ** 2, "count": values["count"]})
+    if not sharded and world_size > 1:
+        parts = [_all_reduce_means(part) for part in parts]
+    result = {name: value for part in parts for name, value in part.items() if name != "count"}
+    if "value_mse" in result:
+        result["value_rmse"] = math.sqrt(result.pop("value_mse"))
+    return result
+
+
+def _all_reduce_means(means: dict[str, float]) -> dict[str, float]:
+    """Per-rank means over `count` items -> the means over every rank's items."""
+    names = sorted(means)
+    totals = torch.tensor([means[name] * means["count"] for name in names] + [means["count"]],
+                          dtype=torch.float64)
     dist.all_reduce(totals)
     return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
 

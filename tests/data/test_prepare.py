@@ -1,7 +1,11 @@
-"""prepare(): what training reads, written and loaded back; item categories for HRNN-meta."""
+"""prepare(): what training reads, written and loaded back; HRNN-meta's item categories, user
+features, request contexts and event values."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from dist_rec.config import DataConfig
 from dist_rec.data.prepare import PreparedData, prepare
@@ -28,3 +32,52 @@ def test_prepared_data_round_trip_with_item_categories(tmp_path):
     assert written.item_features.tolist() == prepared.item_features.tolist()
     assert prepared.item_counts.tolist() == [0, 3, 1, 2]                  # training events per item
     assert prepared.test_histories().num_rows == 1
+
+
+def test_values_contexts_and_user_features_reach_the_prepared_data(tmp_path):
+    """Parquet events with a value, a request context (device) and a user attribute (segment):
+    codes fitted on the training users, newest attribute per user, unseen values coded 0."""
+    # (user, item, timestamp, value, device, segment); user 9 (10 events) is the test user.
+    rows = [(1, 5, 100, 4.0, "web", "a"), (1, 7, 110, 2.0, "app", "b"), (1, 5, 120, 5.0, None, "b"),
+            (2, 6, 100, 1.0, "app", None), (2, 7, 200, 3.0, "app", None)]
+    rows += [(9, 6, 300 + i, 0.5 * i, "tv" if i < 9 else "app", "a") for i in range(10)]
+    users, items, times, values, devices, segments = zip(*rows)
+    events = pa.table({"user_id": users, "item_id": items, "timestamp": times,
+                       "event_type": ["pv"] * len(rows), "category_id": [1] * len(rows),
+                       "value": pa.array(values, pa.float32()), "device": devices,
+                       "segment": segments})
+    pq.write_table(events, tmp_path / "events.parquet")
+    config = DataConfig(events_uri=str(tmp_path / "events.parquet"), window_length=4,
+                        carry_values=True, context_column="device",
+                        user_feature_columns=("segment",))
+
+    prepared = prepare(config, str(tmp_path / "prepared"), test_users=1, seed=0)
+    dims = prepared.dimensions
+    assert (dims.num_contexts, dims.user_feature_sizes, dims.num_users) == (2, (2,), 3)
+    codes = prepared.feature_codes()
+    assert codes["context"].values == ("app", "web") and codes["segment"].values == ("a", "b")
+    # Users 1, 2 (training) and 9 (test) are dense 1, 2, 3: user 1's newest segment is b, user 2
+    # has none, user 9's a.
+    assert prepared.user_features.tolist() == [[0], [2], [0], [1]]
+    assert PreparedData.load(prepared.uri).user_features.tolist() == [[0], [2], [0], [1]]
+
+    windows = pq.read_table(tmp_path / "prepared" / "windows" / "part-00000.parquet").to_pydict()
+    assert windows["user"] == [1, 2]
+    assert windows["values"] == [[0, 0, 4.0, 2.0], [0, 0, 0, 1.0]]
+    assert windows["target_values"] == [[0, 0, 2.0, 5.0], [0, 0, 0, 3.0]]
+    assert windows["contexts"] == [[0, 0, 1, 0], [0, 0, 0, 1]]     # app, missing | app
+    test = prepared.test_histories().to_pydict()
+    assert test["values"] == [[0.5 * i for i in range(10)]]
+    assert test["contexts"] == [[0] * 9 + [1]]                      # tv was never seen in training
+
+
+def test_metadata_columns_need_parquet_events_that_have_them(tmp_path):
+    csv = tmp_path / "UserBehavior.csv"
+    csv.write_text("1,5,300,pv,100\n")
+    with pytest.raises(ValueError, match="UserBehavior.csv has no value"):
+        prepare(DataConfig(events_uri=str(csv), carry_values=True), str(tmp_path / "a"), 1, 0)
+    pq.write_table(pa.table({"user_id": [1], "item_id": [5], "timestamp": [100],
+                             "event_type": ["pv"], "category_id": [3]}), tmp_path / "e.parquet")
+    with pytest.raises(ValueError, match=r"e.parquet.*lack \['device'\]"):
+        prepare(DataConfig(events_uri=str(tmp_path / "e.parquet"), context_column="device"),
+                str(tmp_path / "b"), 1, 0)

@@ -80,6 +80,37 @@ def test_build_windows_cuts_and_left_pads():
     assert empty.num_rows == 0 and empty.schema == windows.schema
 
 
+def test_values_and_contexts_follow_their_events_into_windows(tmp_path):
+    """Each event's value is its row number + 0.5 and its context (row % 3) + 1, so every number
+    below names the event it came from. values[t] = x_t's, target_values[t] = x_{t+1}'s and
+    contexts[t] = x_{t+1}'s: the context of the request that step t answers."""
+    events = make_events()
+    rows = np.arange(len(ROWS))
+    events = events.set_column(events.schema.get_field_index("value"), "value",
+                               pa.array(rows + 0.5, pa.float32()))
+    vocab = Vocabulary.build(events.filter(pc.not_equal(events["item_id"], 99)))
+    config = DataConfig(**{**CONFIG.__dict__, "carry_values": True})
+    histories = build_histories(events, vocab, config, contexts=rows % 3 + 1)
+    # Rows in time order: user 10 -> 3, 1, (5 is item 99), 6, 7, 8, 9, 10; user 20 -> 2, 0, 4.
+    assert histories["values"].to_pylist() == [[3.5, 1.5, 6.5, 7.5, 8.5, 9.5, 10.5],
+                                               [2.5, 0.5, 4.5], [11.5]]
+    assert histories["contexts"].to_pylist() == [[1, 2, 1, 2, 3, 1, 2], [3, 1, 2], [3]]
+    windows = build_windows(histories, config)
+    assert windows.to_pydict() == {**WINDOWS,
+                                   "values": [[3.5, 1.5, 6.5, 7.5], [0, 0, 8.5, 9.5], [0, 0, 2.5, 0.5]],
+                                   "target_values": [[1.5, 6.5, 7.5, 8.5], [0, 0, 9.5, 10.5],
+                                                     [0, 0, 0.5, 4.5]],
+                                   "contexts": [[2, 1, 2, 3], [0, 0, 1, 2], [0, 0, 1, 2]]}
+    assert windows.schema.field("values").type == pa.list_(pa.float32(), 4)
+    pq.write_table(windows, tmp_path / "windows.parquet")
+    batch = windows_to_batch(pq.read_table(tmp_path / "windows.parquet"))
+    assert batch.values.dtype == torch.float32 and batch.contexts.dtype == torch.int64
+    assert batch.target_values[0].tolist() == [1.5, 6.5, 7.5, 8.5]
+    assert batch.contexts[2].tolist() == [0, 0, 1, 2]
+    plain = windows_to_batch(build_windows(make_histories(), CONFIG))   # data without them
+    assert plain.values is None and plain.target_values is None and plain.contexts is None
+
+
 def object_rows(rows: list) -> np.ndarray:
     out = np.empty(len(rows), object)
     for i, row in enumerate(rows):
@@ -123,6 +154,17 @@ def test_history_batch_prediction_at_now():
     assert short.items.tolist() == [[1, 2]] and short.targets.tolist() == [[2, 0]]
     assert short.deltas.tolist() == [[7, 0]] and short.session_starts.tolist() == [[False, False]]
     assert short.event_types.tolist() == [[1, 1]] and short.users.tolist() == [7]
+    # Values and contexts as in the windows; the last step's context is the caller's request's.
+    meta = history_batch(items[:2], times[:2], types[:2], np.array([530, 1923]), CONFIG, 3,
+                         values=[np.array([1, 2, 3, 4, 5.5]), np.array([9.0])],
+                         contexts=[np.array([1, 2, 3, 1, 2]), np.array([3])],
+                         now_contexts=np.array([3, 1]))
+    assert meta.values.tolist() == [[3, 4, 5.5], [0, 0, 9]]
+    assert meta.target_values.tolist() == [[4, 5.5, 0], [0, 0, 0]]
+    assert meta.contexts.tolist() == [[1, 2, 3], [0, 0, 1]]
+    unknown = history_batch(items[:1], times[:1], None, None, CONFIG, 2,
+                            contexts=[np.array([1, 2, 3, 1, 2])])
+    assert unknown.contexts.tolist() == [[2, 0]] and unknown.values is None
 
 
 def test_write_window_shards_local(tmp_path, monkeypatch):

@@ -351,3 +351,31 @@ def test_model_ranker_one_pass_equals_prefixes():
              for x in sessions for t in range(1, len(x))]
     assert one_pass["count"] == 8
     assert one_pass["recall@2"] == pytest.approx(np.mean(np.array(ranks) < 2))
+
+
+class NextItemIdAsValue(nn.Module):
+    """A value head that predicts each next event's value as the next item's id."""
+
+    predicts_values = True
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))   # where the protocol puts the batches
+
+    def hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        return torch.zeros(*batch.items.shape, 1)
+
+    def predict_values(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return targets.double()
+
+
+def test_next_value_rmse_by_hand():
+    table = pa.table({"user": [1, 2, 3], "items": [[1, 2, 3], [4, 1], [2, 2, 2, 5]],
+                      "values": pa.array([[0.5, 2.5, 2.0], [1, 3], [9, 9, 1, 4]],
+                                         pa.list_(pa.float32()))})
+    # Predicted = next item id. User 1: 2 vs 2.5, 3 vs 2.0; user 2: 1 vs 3; user 3 keeps its
+    # last 3 events (max_length), so 2 vs 1 and 5 vs 4: squared errors .25 + 1 + 4 + 1 + 1.
+    result = protocols.next_value_rmse(NextItemIdAsValue(), table, max_length=3)
+    assert result == {"rmse": pytest.approx(math.sqrt(7.25 / 5)), "count": 5.0}
+    with pytest.raises(ValueError, match="carry no values"):
+        protocols.next_value_rmse(NextItemIdAsValue(), table.drop_columns(["values"]))

@@ -274,7 +274,7 @@ def test_feedback_encoding_lets_the_value_head_learn_a_users_rating_pattern():
             mask = test.mask
             mask[:, :4] = False                          # a few ratings seen first
             hidden = model.hidden(test)[mask]
-            predicted = model.encoder.predict_values(hidden, test.targets[mask], model.tables)
+            predicted = model.predict_values(hidden, test.targets[mask])
         return (predicted - test.target_values[mask]).pow(2).mean().sqrt().item()
 
     with_feedback, without = rmse(True), rmse(False)
