@@ -19,8 +19,12 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "--events": ("data.events_uri", str, "events to train on: UserBehavior.csv or a Parquet "
                  "directory, local or s3://; empty = generate Taobao-like data first"),
     "--work-dir": ("data.work_dir", str, "where prepared data (vocabulary, window shards) goes"),
-    "--model": ("model.name", str, "encoder: hrnn, gru4rec, user_gru, caser, convrec, dynamicrec, "
-                "sasrec"),
+    "--model": ("model.name", str, "encoder: hrnn, hrnn_meta, gru4rec, user_gru, caser, convrec, "
+                "dynamicrec, sasrec"),
+    "--context-column": ("data.context_column", str, "Parquet events: column of the request "
+                         "context (e.g. device), an input of hrnn_meta"),
+    "--values": ("data.carry_values", bool, "Parquet events: carry the `value` column into "
+                 "training (hrnn_meta's value_feedback / value_head options)"),
     "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
     "--embedding": ("model.embedding_dim", int, "input item vector size E"),
     "--loss": ("sampler.loss", str, "full_softmax | sampled_softmax | bpr_max | bce"),

@@ -23,16 +23,16 @@ from tests.models.toy_training import fit
 ITEMS, USERS, EVENTS_PER_USER = 40, 400, 12
 
 
-def write_world(path, seed: int = 0) -> None:
+def write_world(path, num_users: int = USERS, seed: int = 0) -> None:
     """Device "app" -> items 1..20, "web" -> items 21..40, drawn uniformly; value = the user's
-    offset (sd 1) + noise (sd 0.2)."""
+    offset (sd 1) + noise (sd 0.2); segment = the user id's parity."""
     rng = np.random.default_rng(seed)
-    users = np.repeat(np.arange(1, USERS + 1), EVENTS_PER_USER)
+    users = np.repeat(np.arange(1, num_users + 1), EVENTS_PER_USER)
     on_web = rng.random(len(users)) < 0.5
     items = rng.integers(1, ITEMS // 2 + 1, len(users)) + np.where(on_web, ITEMS // 2, 0)
-    values = rng.normal(0, 1, USERS + 1)[users] + rng.normal(0, 0.2, len(users))
+    values = rng.normal(0, 1, num_users + 1)[users] + rng.normal(0, 0.2, len(users))
     pq.write_table(pa.table({
-        "user_id": users, "item_id": items, "timestamp": np.tile(np.arange(EVENTS_PER_USER), USERS),
+        "user_id": users, "item_id": items, "timestamp": np.tile(np.arange(EVENTS_PER_USER), num_users),
         "event_type": ["pv"] * len(users), "category_id": np.ones(len(users), np.int64),
         "value": values.astype(np.float32), "device": np.where(on_web, "web", "app"),
         "segment": np.where(users % 2 == 1, "odd", "even")}), path)
