@@ -43,9 +43,9 @@ from dist_rec.config import DataConfig, ModelConfig, SamplerConfig
 from dist_rec.data.readers import read_sessions, read_user_item
 from dist_rec.data.sequences import history_batch
 from dist_rec.embeddings.optim import RowWiseAdagrad
-from dist_rec.evaluation.protocols import (Histories, ModelRanker, session_every_position,
-                                           session_last_item, split_leave_one_out,
-                                           user_leave_one_out)
+from dist_rec.evaluation.histories import Histories
+from dist_rec.evaluation.protocols import (ModelRanker, session_every_position, session_last_item,
+                                           split_leave_one_out, user_leave_one_out)
 from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model, caser, convrec, dynamicrec, sasrec
 from dist_rec.models.baselines import most_pop

@@ -34,6 +34,11 @@ class DataConfig:
     context_column: str = ""             # event column of the request context, e.g. "device"
     user_feature_columns: tuple[str, ...] = ()   # event columns of user attributes (newest per user)
 
+    def __post_init__(self):
+        if isinstance(self.user_feature_columns, str):   # ("a") is "a": a likely slip
+            raise TypeError(f"DataConfig.user_feature_columns: a list of column names, got the "
+                            f"string {self.user_feature_columns!r}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -2,8 +2,9 @@
 
 A field's codes are 1..n in the ascending order of its raw values seen in the training events;
 0 means missing (null or empty) or a value training never saw, which every model reads as
-"unknown". The codes are saved beside the vocabulary (prepare.py), so serving codes a request's
-raw context exactly as training did.
+"unknown". An item's or a user's attribute is the one of its newest event that has a known code
+(a later event with a missing or unseen value does not erase it). The codes are saved beside the
+vocabulary (prepare.py), so serving codes a request's raw context exactly as training did.
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ class FieldCodes:
     """One categorical column: raw value -> code (values[i] has code i + 1)."""
 
     column: str
-    values: tuple   # raw values (str or int, as read), ascending
+    values: tuple   # raw values (str, int or bool, as read), ascending
 
     @staticmethod
     def fit(column: str, raw: pa.Array | pa.ChunkedArray) -> "FieldCodes":
+        """Codes for the values of `raw`; a type that is no category (float, date, ...) raises."""
         raw = _plain(raw)
+        kind = raw.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise ValueError(f"event column {column!r}: type {kind} is not categorical; "
+                             f"a context or attribute column holds strings, integers or booleans")
         unique = pc.unique(pc.filter(raw, _present(raw)))
         return FieldCodes(column, tuple(pc.take(unique, pc.sort_indices(unique)).to_pylist()))
 
@@ -46,6 +53,42 @@ class FieldCodes:
     @staticmethod
     def from_json(raw: dict) -> "FieldCodes":
         return FieldCodes(raw["column"], tuple(raw["values"]))
+
+
+@dataclass(frozen=True)
+class EventFields:
+    """The categorical fields prepared data derives from the events, by what they describe."""
+
+    items: tuple[FieldCodes, ...] = ()    # per-item attributes: category_id when the events have it
+    context: FieldCodes | None = None      # the request context (DataConfig.context_column)
+    users: tuple[FieldCodes, ...] = ()    # per-user attributes (DataConfig.user_feature_columns)
+
+    @staticmethod
+    def fit(train_events: pa.Table, context_column: str = "",
+            user_columns: tuple[str, ...] = ()) -> "EventFields":
+        """Codes from the training events; a configured column without any value raises."""
+        def fit(column: str) -> FieldCodes:
+            codes = FieldCodes.fit(column, train_events[column])
+            if not codes.size:
+                raise ValueError(f"event column {column!r} has no value in the training events")
+            return codes
+
+        has_category = "category_id" in train_events.column_names
+        return EventFields(tuple(fit(c) for c in ("category_id",) if has_category),
+                           fit(context_column) if context_column else None,
+                           tuple(fit(c) for c in user_columns))
+
+    def to_json(self) -> dict:
+        return {"items": [f.to_json() for f in self.items],
+                "context": None if self.context is None else self.context.to_json(),
+                "users": [f.to_json() for f in self.users]}
+
+    @staticmethod
+    def from_json(raw: dict) -> "EventFields":
+        context = raw["context"]
+        return EventFields(tuple(map(FieldCodes.from_json, raw["items"])),
+                           None if context is None else FieldCodes.from_json(context),
+                           tuple(map(FieldCodes.from_json, raw["users"])))
 
 
 def newest_codes(owners: np.ndarray, timestamps: np.ndarray, codes: np.ndarray,

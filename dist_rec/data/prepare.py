@@ -8,8 +8,8 @@ Layout of a prepared directory (local or s3://):
                               only when the events have category_id (HRNN-meta's item features)
     user_features.npy         (num_users + 1, G) code per user of each DataConfig.user_feature_columns
                               (its newest event's), only when there are such columns
-    feature_codes.json        raw value -> code of the category, context and user feature fields
-                              (features.FieldCodes), so serving codes raw values as training did
+    feature_codes.json        raw value -> code of the item, context and user fields
+                              (features.EventFields), so serving codes raw values as training did
     windows/part-*.parquet    training windows (sequences.build_windows), streamed by Ray Data
     test_histories.parquet    the held-out users' full histories (sequences.build_histories)
 
@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dist_rec.config import DataConfig
-from dist_rec.data.features import FieldCodes, newest_codes
+from dist_rec.data.features import EventFields, FieldCodes, newest_codes
 from dist_rec.data.readers import read_events, read_user_behavior
 from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
 from dist_rec.data.vocab import Vocabulary
@@ -81,11 +81,10 @@ class PreparedData:
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.load(posixpath.join(self.uri, "vocab"), self.storage_options)
 
-    def feature_codes(self) -> dict[str, FieldCodes]:
-        """Field name ("category", "context", or a user feature column) -> its codes."""
+    def fields(self) -> EventFields:
+        """The item, context and user fields' codes."""
         fs, root = filesystem(self.uri, self.storage_options)
-        raw = json.loads(fs.cat_file(posixpath.join(root, "feature_codes.json")))
-        return {name: FieldCodes.from_json(codes) for name, codes in raw.items()}
+        return EventFields.from_json(json.loads(fs.cat_file(posixpath.join(root, "feature_codes.json"))))
 
 
 def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
@@ -124,8 +123,8 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
 
     vocab = Vocabulary.from_config(train_events, config)
     test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
-    codes = _fit_codes(train_events, config)
-    contexts = codes.get("context")
+    fields = EventFields.fit(train_events, config.context_column, config.user_feature_columns)
+    contexts = fields.context
 
     def context_codes(table: pa.Table) -> np.ndarray | None:
         return None if contexts is None else contexts.encode(table[contexts.column])
@@ -143,25 +142,23 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
     counts[0] = 0
     _save_array(fs, posixpath.join(root, "item_counts.npy"), counts.astype(np.int64))
-    item_fields = [codes["category"]] if "category" in codes else []
-    user_fields = [codes[column] for column in config.user_feature_columns]
-    if item_fields:   # from the training events: a test user's events never reach the model
+    if fields.items:   # from the training events: a test user's events never reach the model
         _save_array(fs, posixpath.join(root, "item_features.npy"),
                     entity_features(train_events, "item_id", vocab.items.encode, vocab.num_items,
-                                    item_fields))
-    if user_fields:   # attributes, not interactions: every user's, test users' included
+                                    fields.items))
+    if fields.users:   # attributes, not interactions: every user's, test users' included
         _save_array(fs, posixpath.join(root, "user_features.npy"),
                     entity_features(events, "user_id", test_vocab.users.encode,
-                                    test_vocab.num_users, user_fields))
+                                    test_vocab.num_users, fields.users))
     fs.pipe_file(posixpath.join(root, "feature_codes.json"),
-                 json.dumps({name: c.to_json() for name, c in codes.items()}, indent=2).encode())
+                 json.dumps(fields.to_json(), indent=2).encode())
     vocab.save(posixpath.join(out_uri, "vocab"), storage_options)
 
     dims = Dimensions(num_items=vocab.num_items, num_users=test_vocab.num_users,
                       num_delta_buckets=config.num_delta_buckets,
                       num_event_types=len(config.event_types),
-                      item_feature_sizes=tuple(c.size for c in item_fields),
-                      user_feature_sizes=tuple(c.size for c in user_fields),
+                      item_feature_sizes=tuple(c.size for c in fields.items),
+                      user_feature_sizes=tuple(c.size for c in fields.users),
                       num_contexts=0 if contexts is None else contexts.size)
     meta = {"dimensions": dims.__dict__, "vocab_hash": vocab.hash, "num_windows": windows.num_rows,
             "num_train_events": int(counts.sum()), "test_users": test.num_rows,
@@ -170,17 +167,8 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     return PreparedData.load(out_uri, storage_options)
 
 
-def _fit_codes(train_events: pa.Table, config: DataConfig) -> dict[str, FieldCodes]:
-    """The categorical fields the events have, coded from the training events."""
-    columns = {"category": "category_id"} if "category_id" in train_events.column_names else {}
-    if config.context_column:
-        columns["context"] = config.context_column
-    columns.update({column: column for column in config.user_feature_columns})
-    return {name: FieldCodes.fit(column, train_events[column]) for name, column in columns.items()}
-
-
 def entity_features(events: pa.Table, id_column: str, encode, num_ids: int,
-                    fields: list[FieldCodes]) -> np.ndarray:
+                    fields: tuple[FieldCodes, ...]) -> np.ndarray:
     """(num_ids + 1, F) int64: per dense id (row 0 = padding, all 0) the code of each field,
     from the id's newest event with a known value. `encode`: raw ids -> dense ids (0 = unknown)."""
     owners = encode(events[id_column])

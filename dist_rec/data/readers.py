@@ -226,8 +226,12 @@ def _finish(uri: str, tables: list[pa.Table], reports: list[QuarantineReport],
             quarantine_uri: str | None) -> tuple[pa.Table, QuarantineReport]:
     """Concatenate the blocks; log the quarantine and write it where asked."""
     empty = np.zeros(0, np.int64)
-    events = (pa.concat_tables(tables, promote_options="permissive") if tables
-              else event_table(empty, empty, empty, empty))
+    try:
+        events = (pa.concat_tables(tables, promote_options="permissive") if tables
+                  else event_table(empty, empty, empty, empty))
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+        raise ValueError(f"{uri}: its files give a feature column different types; "
+                         f"write it with one type in every file ({error})") from None
     report = QuarantineReport.concat(reports)
     report.rows = report.rows.sort_by([("source", "ascending"), ("line", "ascending")])
     report.log_summary(uri)

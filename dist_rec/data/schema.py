@@ -19,7 +19,7 @@ it fails, in this order:
     unknown_event_type       behaviour not in DataConfig.event_types
     non_integer_timestamp    timestamp that is not an integer of at most 18 digits
     timestamp_out_of_window  timestamp outside [min_timestamp, max_timestamp)
-    bad_value                value that is not a number
+    bad_value                value that is not a finite number
 Bad rows are dropped (their good neighbours are kept) and recorded in a QuarantineReport; its file
 is a CSV with the header `source,line,reason,field,text` (line: 1-based line in the source file,
 header included; for Parquet the 1-based row number). With DataConfig.strict the first bad row
@@ -250,8 +250,15 @@ def validate_events(raw: pa.Table, lines: np.ndarray, source: str, config: DataC
     table = event_table(parsed["user_id"][good], parsed["item_id"][good], timestamps[good],
                         codes[good], config.event_types, values[good],
                         parsed["category_id"][good] if "category_id" in columns else None,
-                        {name: raw[name].filter(good_rows) for name in features})
+                        {name: _feature(raw[name]).filter(good_rows) for name in features})
     return table, report
+
+
+def _feature(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A feature column as read, with Parquet's storage variants made one type (dictionaries
+    decoded, large strings as strings), so files that differ only in encoding concatenate."""
+    column = _plain(column)
+    return column.cast(pa.string()) if pa.types.is_large_string(column.type) else column
 
 
 def _parse_floats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,8 +266,10 @@ def _parse_floats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.n
     column = _plain(column)
     if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
         missing = _to_numpy(column.is_null())
-        return (_to_numpy(pc.fill_null(column, 0).cast(pa.float32())), missing,
-                np.zeros(len(missing), bool))
+        values = _to_numpy(pc.fill_null(column, 0).cast(pa.float32()))
+        # NaN and +-inf (and float64 beyond float32's range) are no value a model can learn.
+        malformed = ~np.isfinite(values) & ~missing
+        return np.where(malformed, 0, values).astype(np.float32), missing, malformed
     column = column.cast(pa.string())
     missing = _to_numpy(pc.fill_null(pc.equal(column, ""), True))
     ok = pc.fill_null(pc.match_substring_regex(column, FLOAT_PATTERN), False)

@@ -124,7 +124,7 @@ def build_windows(histories: pa.Table, data_config: DataConfig) -> pa.Table:
              "event_types": codes[src], "target_types": codes[src + 1],
              "session_starts": starts[src]}
     if "values" in histories.column_names:
-        values, _ = _flat(histories["values"])
+        values = _flat(histories["values"])[0].astype(np.float32)
         columns.update(values=values[src], target_values=values[src + 1])
     if "contexts" in histories.column_names:
         columns["contexts"] = _flat(histories["contexts"])[0][src + 1]   # the request's context

@@ -122,6 +122,9 @@ def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world
     """
     users = prepared.test_histories()
     if not sharded:
+        if users.num_rows < world_size:   # the same on every rank: all raise, none waits
+            raise ValueError(f"{users.num_rows} test users for {world_size} workers, which "
+                             f"evaluate a share each: hold out at least {world_size} (--test-users)")
         users = users.take(list(range(rank, users.num_rows, world_size)))
     ranking = tdm_first_half(ModelRanker(model), users, k=200, ks=(20,), num_users=None,
                              data_config=config.data, progress=False)
@@ -131,18 +134,19 @@ def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world
         values = next_value_rmse(model, users, data_config=config.data)
         parts.append({"value_mse": values["rmse"] ** 2, "count": values["count"]})
     if not sharded and world_size > 1:
-        parts = [_all_reduce_means(part) for part in parts]
+        device = next(model.parameters()).device      # NCCL reduces CUDA tensors only
+        parts = [_all_reduce_means(part, device) for part in parts]
     result = {name: value for part in parts for name, value in part.items() if name != "count"}
     if "value_mse" in result:
         result["value_rmse"] = math.sqrt(result.pop("value_mse"))
     return result
 
 
-def _all_reduce_means(means: dict[str, float]) -> dict[str, float]:
+def _all_reduce_means(means: dict[str, float], device: torch.device) -> dict[str, float]:
     """Per-rank means over `count` items -> the means over every rank's items."""
-    names = sorted(means)
+    names = sorted(set(means) - {"count"})
     totals = torch.tensor([means[name] * means["count"] for name in names] + [means["count"]],
-                          dtype=torch.float64)
+                          dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
 

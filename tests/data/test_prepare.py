@@ -54,8 +54,9 @@ def test_values_contexts_and_user_features_reach_the_prepared_data(tmp_path):
     prepared = prepare(config, str(tmp_path / "prepared"), test_users=1, seed=0)
     dims = prepared.dimensions
     assert (dims.num_contexts, dims.user_feature_sizes, dims.num_users) == (2, (2,), 3)
-    codes = prepared.feature_codes()
-    assert codes["context"].values == ("app", "web") and codes["segment"].values == ("a", "b")
+    fields = prepared.fields()
+    assert fields.context.values == ("app", "web") and fields.users[0].values == ("a", "b")
+    assert [f.column for f in fields.items] == ["category_id"]
     # Users 1, 2 (training) and 9 (test) are dense 1, 2, 3: user 1's newest segment is b, user 2
     # has none, user 9's a.
     assert prepared.user_features.tolist() == [[0], [2], [0], [1]]

@@ -129,6 +129,34 @@ def test_parquet_with_column_mapping(tmp_path):
                                         "text": ",6,10,view,2"}]  # mapped columns, in order
 
 
+def test_parquet_non_finite_values_are_quarantined_and_feature_encodings_merge(tmp_path):
+    """A NaN or infinite value is a bad row (a model cannot learn from it); a feature column
+    stored as a dictionary in one file and as (large) strings in another reads as one column."""
+    (tmp_path / "events").mkdir()
+    mapping = {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp",
+               "value": "value"}
+    pq.write_table(pa.table({"user_id": [1, 1, 2], "item_id": [5, 6, 7], "timestamp": [1, 2, 3],
+                             "value": [1.0, float("nan"), 2.0],
+                             "device": pa.array(["app", "web", "app"]).dictionary_encode()}),
+                   tmp_path / "events" / "a.parquet")
+    pq.write_table(pa.table({"user_id": [3], "item_id": [5], "timestamp": [4],
+                             "value": [float("inf")],
+                             "device": pa.array(["tv"], pa.large_string())}),
+                   tmp_path / "events" / "b.parquet")
+    events, report = read_events(str(tmp_path / "events"), mapping, features=["device"])
+    assert columns(events) == {"user_id": [1, 2], "item_id": [5, 7], "timestamp": [1, 3],
+                               "event_type": ["pv", "pv"], "value": [1.0, 2.0],
+                               "device": ["app", "app"]}
+    assert report.rows.select(["line", "reason", "field"]).to_pylist() == [
+        {"line": 2, "reason": "bad_value", "field": "value"},
+        {"line": 1, "reason": "bad_value", "field": "value"}]
+    # Types that do not merge (integers in one file, strings in another): the error names the uri.
+    pq.write_table(pa.table({"user_id": [4], "item_id": [5], "timestamp": [5], "value": [1.0],
+                             "device": [3]}), tmp_path / "events" / "c.parquet")
+    with pytest.raises(ValueError, match=r"events: its files give a feature column different types"):
+        read_events(str(tmp_path / "events"), mapping, features=["device"])
+
+
 def test_csv_directory_with_header_and_features(tmp_path):
     (tmp_path / "events").mkdir()
     write(tmp_path / "events" / "a.csv", ["timestamp;visitorid;itemid;shop", "5;1;2;s1",

@@ -15,10 +15,10 @@ from torch import nn
 from dist_rec.batch import SequenceBatch
 from dist_rec.embeddings.table import ItemTables
 from dist_rec.evaluation import protocols
-from dist_rec.evaluation.protocols import (Histories, ModelRanker, as_histories, next_hour,
-                                           session_every_position, session_last_item,
-                                           split_leave_one_out, tdm_first_half,
-                                           user_leave_one_out)
+from dist_rec.evaluation.histories import Histories, as_histories
+from dist_rec.evaluation.protocols import (ModelRanker, next_hour, session_every_position,
+                                           session_last_item, split_leave_one_out,
+                                           tdm_first_half, user_leave_one_out)
 from dist_rec.models.base import NextItemModel
 
 V = 6
@@ -244,6 +244,24 @@ def test_tdm_first_half_from_table_truncated_and_sampled():
     ranker = Successor()
     assert tdm_first_half(ranker, table, k=3, num_users=1, seed=1, progress=False)["count"] == 1
     assert real_inputs(ranker.batches[0]) == [[[1, 2, 3, 4, 5], [2, 2, 2, 2, 1]][picked]]
+
+
+def test_protocols_hand_values_and_request_contexts_to_the_model():
+    """Events sorted by time carry their values and contexts along; the prediction's context is
+    the predicted event's (leave-one-out) or the first ground-truth event's (TDM)."""
+    table = pa.table({"user": [1], "items": [[1, 2, 4, 3, 5]], "timestamps": [[0, 1, 3, 2, 4]],
+                      "values": pa.array([[0.5, 1.5, 3.5, 2.5, 4.5]], pa.list_(pa.float32())),
+                      "contexts": [[1, 2, 4, 3, 1]]})
+    ranker = Successor()
+    tdm_first_half(ranker, table, k=3, min_events=5, progress=False)
+    batch = ranker.batches[0]     # time order 1, 2, 3, 4, 5: input 1, 2; truth 3, 4, 5
+    assert real_inputs(batch) == [[1, 2]]
+    assert batch.values.tolist() == [[0.5, 1.5]] and batch.target_values.tolist() == [[1.5, 0]]
+    assert batch.contexts.tolist() == [[2, 3]]              # event 2's, then the request's (3)
+    ranker = Successor()
+    user_leave_one_out(ranker, table, num_negatives=2, progress=False)
+    assert real_inputs(ranker.batches[0]) == [[1, 2, 4, 3]]  # test = the last line (5)
+    assert ranker.batches[0].contexts.tolist() == [[2, 4, 3, 1]]
 
 
 def test_histories_table_errors():
