@@ -110,6 +110,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *(f"{name:10s} {x['precision@200']:8.4f} {x['recall@200']:8.4f} {x['hr@20']:8.4f} "
           f"{x['ndcg@20']:8.4f}" for name, x in ((summary["model"], m), ("MostPop", p))),
         f"r@200 vs MostPop: {ratio:.2f}x",
+        *([f"next-event value RMSE: {m['value_rmse']:.4f}"] if "value_rmse" in m else []),
         f"checkpoint: {summary['checkpoint']}",
     ]
     return "\n".join(lines)
