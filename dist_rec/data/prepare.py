@@ -64,14 +64,16 @@ class PreparedData:
         except FileNotFoundError:
             raise FileNotFoundError(f"{uri}: not a prepared data directory (no meta.json); "
                                     f"run `dist-rec prepare` first") from None
-        counts = np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "item_counts.npy"))))
         dims = Dimensions(**{name: tuple(value) if isinstance(value, list) else value
                              for name, value in meta["dimensions"].items()})
-        features = {kind: np.load(io.BytesIO(fs.cat_file(posixpath.join(root, f"{kind}_features.npy"))))
-                    if getattr(dims, f"{kind}_feature_sizes") else None for kind in ("item", "user")}
-        return PreparedData(uri, dims, counts, meta["vocab_hash"], meta["num_windows"],
-                            meta["num_train_events"], storage_options or {}, features["item"],
-                            features["user"])
+
+        def array(name: str, present: bool = True) -> np.ndarray | None:
+            return np.load(io.BytesIO(fs.cat_file(posixpath.join(root, name)))) if present else None
+
+        return PreparedData(uri, dims, array("item_counts.npy"), meta["vocab_hash"],
+                            meta["num_windows"], meta["num_train_events"], storage_options or {},
+                            array("item_features.npy", bool(dims.item_feature_sizes)),
+                            array("user_features.npy", bool(dims.user_feature_sizes)))
 
     def test_histories(self) -> pa.Table:
         fs, root = filesystem(self.uri, self.storage_options)
@@ -84,7 +86,8 @@ class PreparedData:
     def fields(self) -> EventFields:
         """The item, context and user fields' codes."""
         fs, root = filesystem(self.uri, self.storage_options)
-        return EventFields.from_json(json.loads(fs.cat_file(posixpath.join(root, "feature_codes.json"))))
+        raw = json.loads(fs.cat_file(posixpath.join(root, "feature_codes.json")))
+        return EventFields.from_json(raw)
 
 
 def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
@@ -94,7 +97,8 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
     Bad rows go to `quarantine_uri` (source file, line, reason) and never take good rows along.
     """
     uri = config.events_uri
-    metadata = ((config.context_column,) if config.context_column else ()) + config.user_feature_columns
+    metadata = (config.context_column,) if config.context_column else ()
+    metadata += config.user_feature_columns
     if uri.endswith((".csv", ".csv.gz")):
         if config.carry_values or metadata:
             raise ValueError(f"{uri}: UserBehavior.csv has no value, context or user feature "
