@@ -7,9 +7,12 @@ each user rates with a personal offset (so only feedback encoding can predict th
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from dist_rec.config import DataConfig, JobConfig, ModelConfig
@@ -18,21 +21,25 @@ from dist_rec.data.sequences import windows_to_batch
 from dist_rec.evaluation.protocols import ModelRanker, user_leave_one_out
 from dist_rec.models import build_model
 from dist_rec.train import loop
+from tests.distributed_helpers import run_ranks
 from tests.models.toy_training import fit
 
 ITEMS, USERS, EVENTS_PER_USER = 40, 400, 12
 
 
-def write_world(path, num_users: int = USERS, seed: int = 0) -> None:
+def write_world(path, num_users: int = USERS, seed: int = 0, varied_lengths: bool = False) -> None:
     """Device "app" -> items 1..20, "web" -> items 21..40, drawn uniformly; value = the user's
-    offset (sd 1) + noise (sd 0.2); segment = the user id's parity."""
+    offset (sd 1) + noise (sd 0.2); segment = the user id's parity. Every user has
+    EVENTS_PER_USER events, or 10 to 30 with `varied_lengths`."""
     rng = np.random.default_rng(seed)
-    users = np.repeat(np.arange(1, num_users + 1), EVENTS_PER_USER)
+    lengths = (rng.integers(10, 31, num_users) if varied_lengths
+               else np.full(num_users, EVENTS_PER_USER))
+    users = np.repeat(np.arange(1, num_users + 1), lengths)
     on_web = rng.random(len(users)) < 0.5
     items = rng.integers(1, ITEMS // 2 + 1, len(users)) + np.where(on_web, ITEMS // 2, 0)
     values = rng.normal(0, 1, num_users + 1)[users] + rng.normal(0, 0.2, len(users))
     pq.write_table(pa.table({
-        "user_id": users, "item_id": items, "timestamp": np.tile(np.arange(EVENTS_PER_USER), num_users),
+        "user_id": users, "item_id": items, "timestamp": np.arange(len(users)) - np.repeat(np.cumsum(lengths) - lengths, lengths),
         "event_type": ["pv"] * len(users), "category_id": np.ones(len(users), np.int64),
         "value": values.astype(np.float32), "device": np.where(on_web, "web", "app"),
         "segment": np.where(users % 2 == 1, "odd", "even")}), path)
@@ -84,3 +91,36 @@ def test_request_context_and_feedback_values_are_learned_through_prepared_data(t
     metrics = loop._evaluate(with_context, prepared, config, rank=0, world_size=1, sharded=False)
     assert 0.2 < metrics["value_rmse"] < 0.5, metrics
     assert metrics["hr@20"] > 0
+
+
+def _evaluate_on_rank(rank: int, world_size: int, directory: str) -> None:
+    prepared = PreparedData.load(f"{directory}/prepared")
+    config = JobConfig.from_dict(json.loads(open(f"{directory}/config.json").read()))
+    torch.manual_seed(0)                       # the same (untrained) weights on every rank
+    model = build_model(config.model, prepared.dimensions)
+    loop.load_features(model.encoder, prepared)
+    metrics = loop._evaluate(model, prepared, config, rank, world_size, sharded=False)
+    with open(f"{directory}/rank{rank}.json", "w") as f:
+        json.dump(metrics, f)
+
+
+def test_two_ranks_evaluate_what_one_rank_does(tmp_path):
+    """Each rank scores its share of the test users and the means are all-reduced: the ranking
+    metrics weighted by users, the value RMSE by events (users have 10 to 30 events here, and
+    51 test users split 26 / 25, so a wrong weighting shows)."""
+    write_world(tmp_path / "events.parquet", num_users=200, varied_lengths=True)
+    config = JobConfig(data=DataConfig(events_uri=str(tmp_path / "events.parquet"),
+                                       window_length=11, carry_values=True,
+                                       context_column="device"),
+                       model=ModelConfig(name="hrnn_meta", embedding_dim=16, hidden_dim=16,
+                                         options={"value_feedback": True, "value_head": True}))
+    prepare(config.data, str(tmp_path / "prepared"), test_users=51, seed=0)
+    (tmp_path / "config.json").write_text(config.to_json())
+    _evaluate_on_rank(0, 1, str(tmp_path))
+    alone = json.loads((tmp_path / "rank0.json").read_text())
+    run_ranks(_evaluate_on_rank, 2, str(tmp_path))
+    shared = json.loads((tmp_path / "rank0.json").read_text())
+    assert shared == json.loads((tmp_path / "rank1.json").read_text())
+    assert set(shared) == set(alone) and "value_rmse" in alone
+    for name, value in alone.items():
+        assert shared[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
