@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_rec.embeddings.table import ItemTables, best_of, top_columns
+from dist_rec.embeddings.table import ItemTables, RowView, best_of, top_columns
 
 
 class _Group:
@@ -233,9 +233,19 @@ class ShardedItemTables(nn.Module):
                                  self.bias.weight)
         return full[:, :-1], full[:, -1]
 
+    def _scoring_rows(self, start: int, stop: int, row_view: RowView | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local output rows [start, stop) (vectors (R, D), bias (R,)) as `row_view` shows them."""
+        weight, bias = self._output_table().weight[start:stop], self.bias.weight[start:stop, 0]
+        if row_view is None:
+            return weight, bias
+        local = torch.arange(start, stop, device=weight.device)
+        return row_view(local * self._group.world + self._group.rank, weight, bias)
+
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
-             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             exclude: torch.Tensor | None = None, row_view: RowView | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-catalog top-k of this rank's queries; a collective.
 
         hidden (N, D) -> (scores (N, k), item ids (N, k)), best first; equal scores rank by
@@ -243,7 +253,7 @@ class ShardedItemTables(nn.Module):
         scores differ). `exclude` (N, M) ids (0 = none) are never returned; slots with no
         candidate left (k > items not excluded) hold item 0 with score -inf. Every rank scores
         all ranks' queries (W times N rows: bound N) against its rows; the W local top-k lists
-        are then merged.
+        are then merged. `row_view` changes the rows scored (table.RowView).
         """
         group = self._group
         queries = group.all_gather(hidden)
@@ -256,11 +266,11 @@ class ShardedItemTables(nn.Module):
         ours = (excluded > 0) & (excluded % group.world == group.rank)
         local_excluded = torch.where(ours, excluded // group.world, -1)       # (Q, M) local rows
         query_rows = torch.arange(len(everything), device=hidden.device).unsqueeze(1).expand_as(excluded)
-        weight, bias = self._output_table().weight, self.bias.weight[:, 0]
         best_scores = everything.new_full((everything.shape[0], k), float("-inf"))
         best_items = torch.zeros(everything.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start, stop in self._chunks(chunk_rows):
-            scores = torch.addmm(bias[start:stop], everything, weight[start:stop].t())
+            weight, bias = self._scoring_rows(start, stop, row_view)
+            scores = torch.addmm(bias, everything, weight.t())
             inside = (local_excluded >= start) & (local_excluded < stop)
             scores[query_rows[inside], local_excluded[inside] - start] = float("-inf")
             index = top_columns(scores, min(k, stop - start))
@@ -274,11 +284,12 @@ class ShardedItemTables(nn.Module):
 
     @torch.no_grad()
     def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144) -> torch.Tensor:
+                     chunk_rows: int = 262_144, row_view: RowView | None = None) -> torch.Tensor:
         """0-based rank of each target over the full catalog; ties count against the target.
 
         hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
         A collective: each shard counts over its rows, the counts are summed over ranks.
+        `row_view` changes the rows scored (table.RowView).
         """
         group = self._group
         queries = group.all_gather(hidden)
@@ -287,12 +298,16 @@ class ShardedItemTables(nn.Module):
         ours = targets % group.world == group.rank
         local = targets // group.world
         # The owner computes each target's score row-wise, as ItemTables does; the others add 0.
+        target_weight, target_bias = weight[local[ours]], bias[local[ours]]
+        if row_view is not None:
+            target_weight, target_bias = row_view(targets[ours], target_weight, target_bias)
         target_scores = everything.new_zeros(targets.shape)
-        target_scores[ours] = (everything[ours] * weight[local[ours]]).sum(-1) + bias[local[ours]]
+        target_scores[ours] = (everything[ours] * target_weight).sum(-1) + target_bias
         group.all_reduce(target_scores)
         ranks = torch.zeros_like(targets)
         for start, stop in self._chunks(chunk_rows):
-            scores = torch.addmm(bias[start:stop], everything, weight[start:stop].t())
+            weight, bias = self._scoring_rows(start, stop, row_view)
+            scores = torch.addmm(bias, everything, weight.t())
             # The target's own column must compare equal to its reference score (matmul kernels
             # may round it differently), so it is written in.
             inside = ours & (local >= start) & (local < stop)

@@ -8,8 +8,14 @@ interface with rows split across ranks; models cannot tell them apart.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+
+# A scoring view of output rows: (item ids (R,), vectors (R, D), bias (R,)) -> (vectors, bias)
+# actually scored, e.g. HRNN-meta's mix of each item's ID row with its feature row (eq. 2).
+RowView = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ItemTables(nn.Module):
@@ -45,21 +51,32 @@ class ItemTables(nn.Module):
         weight = self.input if self.output is None else self.output
         return weight.weight, self.bias.weight.squeeze(-1)
 
+    def _scoring_rows(self, start: int, stop: int, row_view: RowView | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows [start, stop) (vectors (R, D), bias (R,)) as `row_view` shows them."""
+        weight, bias = self.output_weight()
+        if row_view is None:
+            return weight[start:stop], bias[start:stop]
+        ids = torch.arange(start, stop, device=weight.device)
+        return row_view(ids, weight[start:stop], bias[start:stop])
+
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
-             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             exclude: torch.Tensor | None = None, row_view: RowView | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-catalog top-k without materialising (N, catalog) scores.
 
         hidden (N, D) -> (scores (N, k), item ids (N, k)), best first, equal scores by lower id
         (the same order on sharded tables). `exclude` (N, M) item ids
-        (0 = none) are pushed to -inf, e.g. items already seen.
+        (0 = none) are pushed to -inf, e.g. items already seen. `row_view` changes the rows
+        scored (see RowView).
         """
-        weight, bias = self.output_weight()
         best_scores = hidden.new_full((hidden.shape[0], k), float("-inf"))
         best_items = torch.zeros(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start in range(1, self.num_items + 1, chunk_rows):
             stop = min(start + chunk_rows, self.num_items + 1)
-            scores = torch.addmm(bias[start:stop], hidden, weight[start:stop].t())
+            weight, bias = self._scoring_rows(start, stop, row_view)
+            scores = torch.addmm(bias, hidden, weight.t())
             if exclude is not None:
                 local = exclude - start
                 valid = (exclude > 0) & (local >= 0) & (local < stop - start)
@@ -74,17 +91,22 @@ class ItemTables(nn.Module):
 
     @torch.no_grad()
     def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144) -> torch.Tensor:
+                     chunk_rows: int = 262_144, row_view: RowView | None = None) -> torch.Tensor:
         """0-based rank of each target over the full catalog; ties count against the target.
 
         hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
+        `row_view` changes the rows scored (see RowView).
         """
         weight, bias = self.output_weight()
-        target_scores = (hidden * weight[targets]).sum(-1) + bias[targets]
+        target_weight, target_bias = weight[targets], bias[targets]
+        if row_view is not None:
+            target_weight, target_bias = row_view(targets, target_weight, target_bias)
+        target_scores = (hidden * target_weight).sum(-1) + target_bias
         ranks = torch.zeros_like(targets)
         for start in range(1, self.num_items + 1, chunk_rows):
             stop = min(start + chunk_rows, self.num_items + 1)
-            scores = torch.addmm(bias[start:stop], hidden, weight[start:stop].t())
+            weight, bias = self._scoring_rows(start, stop, row_view)
+            scores = torch.addmm(bias, hidden, weight.t())
             # The target's own column must compare equal to itself; matmul kernels may round it
             # differently from the row-wise product above, so write the reference score in.
             inside = (targets >= start) & (targets < stop)

@@ -26,7 +26,6 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
-from dist_rec.embeddings.table import ItemTables
 from dist_rec.models.base import Dimensions, read_options, register
 from dist_rec.models.hrnn import HRNN
 
@@ -125,12 +124,7 @@ class HRNNMeta(HRNN):
     # ----- decoder -----
     def scorer(self, tables: nn.Module) -> "MetaScorer | nn.Module":
         """The scoring view NextItemModel uses: eq. 2 when there are item features."""
-        if self.feature_rows is None:
-            return tables
-        if not isinstance(tables, ItemTables):
-            raise ValueError("hrnn_meta: scoring with item features needs single-device item tables "
-                             "(TrainConfig.sharding 'none'); row-sharded feature scoring is not built")
-        return MetaScorer(tables, self)
+        return tables if self.feature_rows is None else MetaScorer(tables, self)
 
     def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items (...) -> (w(f_j) (..., D), b(f_j) (...))."""
@@ -165,28 +159,38 @@ class HRNNMeta(HRNN):
 class MetaScorer:
     """The tables' scoring interface over eq. 2's mixed rows; see the module docstring.
 
-    Not a module: its parameters are the tables' (ID view) and the encoder's (feature view).
+    Not a module: its parameters are the tables' (ID view) and the encoder's (feature view). The
+    tables may be single-device or row-sharded: the full-catalog ranking hands them `mix` as the
+    view of their rows, so each shard mixes its own rows (the encoder is the same on every rank).
     """
 
-    def __init__(self, tables: ItemTables, encoder: HRNNMeta):
+    def __init__(self, tables: nn.Module, encoder: HRNNMeta):
         self.tables, self.encoder = tables, encoder
         self.num_items = tables.num_items
 
-    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """items (...) -> mixed (vectors (..., D), bias (...))."""
-        vectors, bias = self.tables.output_rows(items)
+    def mix(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...), their ID rows (vectors (..., D), bias (...)) -> the mixed rows."""
         feature_vectors, feature_bias = self.encoder.feature_view(items)
         mix = self.encoder.mixing(items).to(vectors.dtype)
         return (torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)),
                 torch.lerp(bias, feature_bias, mix))
 
+    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...) -> mixed (vectors (..., D), bias (...))."""
+        return self.mix(items, *self.tables.output_rows(items))
+
     def output_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole mixed table (N+1, D) and bias (N+1,), computed on the fly."""
-        return self.output_rows(torch.arange(self.num_items + 1, device=self.tables.bias.weight.device))
+        every = torch.arange(self.num_items + 1, device=self.encoder.item_features.device)
+        return self.output_rows(every)
 
-    # The chunked full-catalog ranking only reads output_weight() and num_items.
-    topk = ItemTables.topk
-    target_ranks = ItemTables.target_ranks
+    def topk(self, hidden: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tables.topk(hidden, k, exclude=exclude, row_view=self.mix)
+
+    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.tables.target_ranks(hidden, targets, row_view=self.mix)
 
 
 def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:

@@ -39,6 +39,32 @@ def build(tied: bool):
     return build_model(config, DIMS)
 
 
+def build_meta():
+    """HRNN-meta scoring through eq. 2: item i in category i % 4 + 1; items 40+ are cold, and warm
+    items mix their category row in at 0.3 at inference."""
+    torch.manual_seed(0)
+    config = ModelConfig(name="hrnn_meta", embedding_dim=8, hidden_dim=8, delta_embedding_dim=4,
+                         type_embedding_dim=2, options={"feature_dim": 3, "eval_lambda": 0.3})
+    model = build_model(config, Dimensions(**{**DIMS.__dict__, "item_feature_sizes": (4,)}))
+    codes = torch.arange(NUM_ITEMS + 1).unsqueeze(1) % 4 + 1
+    codes[0] = 0
+    model.encoder.set_item_features(codes)
+    model.encoder.set_cold_items(torch.arange(NUM_ITEMS + 1) >= 40)
+    return model
+
+
+# The constant terms of the feature rows (feature_rows.bias) shift every item's score for a query
+# alike, which a softmax ignores: their gradient is 0 up to rounding, and Adam would scale that
+# noise (1e-8 either side) to steps of +-lr, different on every world size. SGD keeps it noise.
+META_OPTIMIZER = torch.optim.SGD
+
+
+def meta_queries(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(70 + rank)
+    return (torch.randn(4 + rank, 8, generator=generator),
+            torch.randint(1, NUM_ITEMS + 1, (4 + rank,), generator=generator))
+
+
 def make_batch(world: int, step: int) -> SequenceBatch:
     """(4 W, 6) left-padded windows; every rank's block of 4 rows has 2+3+4+5 = 14 events, so the
     mean of the ranks' mean losses is the global mean."""
@@ -65,10 +91,11 @@ def item_counts() -> np.ndarray:
     return counts
 
 
-def train(model, name: str, world: int, rank: int | None):
-    """TRAIN_STEPS steps of Adam + RowWiseAdagrad; rank None trains on whole batches."""
+def train(model, name: str, world: int, rank: int | None, dense=torch.optim.Adam):
+    """TRAIN_STEPS steps of `dense` (lr 0.01) + RowWiseAdagrad; rank None trains on whole
+    batches."""
     loss_fn = build_loss(LOSSES[name], item_counts())
-    optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=0.01),
+    optimizers = Optimizers(dense=dense(model.dense_parameters(), lr=0.01),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
     generator = torch.Generator().manual_seed(3)
     rows = slice(None) if rank is None else slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -129,6 +156,18 @@ def _worker(rank: int, world: int, directory: str) -> None:
             "accumulators": {n: optimizers.sparse.state[p]["sum"].clone()
                              for n, p in model.tables.named_parameters()}}
 
+    results["meta"] = {}
+    for name in ("full", "sampled"):
+        model = build_meta()
+        model.tables = ShardedItemTables.from_full(model.tables)
+        model.encoder = DistributedDataParallel(model.encoder)
+        _, losses = train(model, name, world, rank, META_OPTIMIZER)
+        model.eval()
+        hidden, targets = meta_queries(rank)
+        results["meta"][name] = {"losses": losses, "encoder": model.encoder.module.state_dict(),
+                                 "topk": model.scorer.topk(hidden, 10),
+                                 "ranks": model.scorer.target_ranks(hidden, targets)}
+
     tables = ShardedItemTables.from_full(lookup_tables())
     loss = lookup_loss(tables, *lookup_inputs(rank, world))
     loss.backward()
@@ -184,6 +223,28 @@ def test_training_equals_unsharded(ranks, name):
                                        rtol=1e-5, atol=1e-8)
     assert not torch.equal(model.tables.input.weight, build(name.endswith("tied")).tables.input.weight)
     assert torch.equal(model.tables.input.weight[0], torch.zeros(8))     # padding never moves
+
+
+@pytest.mark.parametrize("name", ["full", "sampled"])
+def test_hrnn_meta_trains_and_ranks_as_unsharded(ranks, name):
+    """Eq. 2's mixed rows on sharded tables: training sees the same losses and gradients, and the
+    full-catalog ranking (each shard mixing its own rows, cold items at lambda 1) the same lists."""
+    world = len(ranks)
+    model = build_meta()
+    _, losses = train(model, name, world, None, META_OPTIMIZER)
+    model.eval()
+    shards = [result["meta"][name] for result in ranks]
+    torch.testing.assert_close(torch.tensor([s["losses"] for s in shards]).mean(0), torch.tensor(losses),
+                               rtol=1e-5, atol=1e-6)
+    for rank, shard in enumerate(shards):
+        torch.testing.assert_close(shard["encoder"], model.encoder.state_dict(), rtol=1e-5, atol=1e-6)
+        hidden, targets = meta_queries(rank)
+        scores, items = model.scorer.topk(hidden, 10)
+        assert torch.equal(shard["topk"][1], items)
+        torch.testing.assert_close(shard["topk"][0], scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(shard["ranks"], model.scorer.target_ranks(hidden, targets))
+    assert (items >= 40).any()                      # cold items, scored by their category, rank
+    assert not torch.equal(model.encoder.feature_rows.weight, build_meta().encoder.feature_rows.weight)
 
 
 def test_lookup_gradients_are_the_average_over_ranks(ranks):

@@ -48,12 +48,15 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert not torch.equal(before["input"], after["input"])
 
 
-def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "row"])
+def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_path, sharding):
     """Parquet events with a device and a value column: the optional window columns go through
-    Ray Data to 2 DDP workers, and the value head's RMSE comes back with the ranking metrics."""
+    Ray Data to 2 DDP workers, with replicated or row-sharded item tables (eq. 2's mixed rows on
+    each shard), and the value head's RMSE comes back with the ranking metrics."""
     (tmp_path / "events").mkdir()
     write_world(tmp_path / "events" / "part-0.parquet", num_users=2_000)
     job = smoke_job(tmp_path, "--events", str(tmp_path / "events"), "--model", "hrnn_meta",
+                    "--sharding", sharding,
                     "--context-column", "device", "--values", "--test-users", "200",
                     "--epochs", "8", "--batch-size", "64", "--lr", "0.01", "--set",
                     'model.options={"value_head": true, "value_feedback": true, "feature_dim": 8}')
