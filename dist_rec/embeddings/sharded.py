@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_rec.embeddings.table import ItemTables, RowView, best_of, top_columns
+from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of,
+                                       reference_scores, top_columns)
 
 
 class _Group:
@@ -249,8 +250,7 @@ class ShardedItemTables(nn.Module):
         """Full-catalog top-k of this rank's queries; a collective.
 
         hidden (N, D) -> (scores (N, k), item ids (N, k)), best first; equal scores rank by
-        increasing item id (ItemTables.topk leaves ties to torch.topk: the same ids wherever
-        scores differ). `exclude` (N, M) ids (0 = none) are never returned; slots with no
+        increasing item id, as in ItemTables.topk. `exclude` (N, M) ids (0 = none) are never returned; slots with no
         candidate left (k > items not excluded) hold item 0 with score -inf. Every rank scores
         all ranks' queries (W times N rows: bound N) against its rows; the W local top-k lists
         are then merged. `row_view` changes the rows scored (table.RowView).
@@ -301,18 +301,24 @@ class ShardedItemTables(nn.Module):
         target_weight, target_bias = weight[local[ours]], bias[local[ours]]
         if row_view is not None:
             target_weight, target_bias = row_view(targets[ours], target_weight, target_bias)
-        target_scores = everything.new_zeros(targets.shape)
-        target_scores[ours] = (everything[ours] * target_weight).sum(-1) + target_bias
+        own_scores, own_slack = reference_scores(everything[ours], target_weight, target_bias,
+                                                 precise=row_view is not None)
+        target_scores = everything.new_zeros(targets.shape, dtype=own_scores.dtype)
+        target_scores[ours] = own_scores
         group.all_reduce(target_scores)
+        slack = None
+        if own_slack is not None:
+            slack = target_scores.new_zeros(targets.shape)
+            slack[ours] = own_slack
+            group.all_reduce(slack)
         ranks = torch.zeros_like(targets)
         for start, stop in self._chunks(chunk_rows):
-            weight, bias = self._scoring_rows(start, stop, row_view)
-            scores = torch.addmm(bias, everything, weight.t())
-            # The target's own column must compare equal to its reference score (matmul kernels
-            # may round it differently), so it is written in.
+            above = at_or_above(everything, *self._scoring_rows(start, stop, row_view),
+                                target_scores, slack)
+            # The target's own column compares equal to itself, however the matmul rounded it.
             inside = ours & (local >= start) & (local < stop)
-            scores[inside.nonzero().squeeze(1), local[inside] - start] = target_scores[inside]
-            ranks += (scores >= target_scores.unsqueeze(1)).sum(1)
+            above[inside.nonzero().squeeze(1), local[inside] - start] = True
+            ranks += above.sum(1)
         return group.all_reduce(ranks)[self._own_slice(queries)] - 1        # minus the target itself
 
     def _chunks(self, chunk_rows: int) -> list[tuple[int, int]]:

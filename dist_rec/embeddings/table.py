@@ -95,24 +95,53 @@ class ItemTables(nn.Module):
         """0-based rank of each target over the full catalog; ties count against the target.
 
         hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
-        `row_view` changes the rows scored (see RowView).
+        `row_view` changes the rows scored (see RowView; scores are then compared as
+        `reference_scores` says).
         """
         weight, bias = self.output_weight()
         target_weight, target_bias = weight[targets], bias[targets]
         if row_view is not None:
             target_weight, target_bias = row_view(targets, target_weight, target_bias)
-        target_scores = (hidden * target_weight).sum(-1) + target_bias
+        target_scores, slack = reference_scores(hidden, target_weight, target_bias,
+                                                precise=row_view is not None)
         ranks = torch.zeros_like(targets)
         for start in range(1, self.num_items + 1, chunk_rows):
             stop = min(start + chunk_rows, self.num_items + 1)
-            weight, bias = self._scoring_rows(start, stop, row_view)
-            scores = torch.addmm(bias, hidden, weight.t())
-            # The target's own column must compare equal to itself; matmul kernels may round it
-            # differently from the row-wise product above, so write the reference score in.
+            above = at_or_above(hidden, *self._scoring_rows(start, stop, row_view),
+                                target_scores, slack)
+            # The target's own column compares equal to itself, however the matmul rounded it.
             inside = (targets >= start) & (targets < stop)
-            scores[inside.nonzero().squeeze(1), targets[inside] - start] = target_scores[inside]
-            ranks += (scores >= target_scores.unsqueeze(1)).sum(1)
+            above[inside.nonzero().squeeze(1), targets[inside] - start] = True
+            ranks += above.sum(1)
         return ranks - 1  # minus the target itself
+
+
+def reference_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     precise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The targets' scores, row by row: hidden (N, D), their rows (N, D), (N,) -> (scores (N,),
+    slack (N,) or None).
+
+    Plain: exact comparison (slack None). Precise, for row views, where distinct items can have
+    bit-identical rows (HRNN-meta's cold items of one category) whose matmul scores round
+    differently from the row-wise one: float64 scores and a slack of 1e-9 of the bound
+    |h| |w| + |b|, far above float64 rounding and far below the gap between scores of distinct
+    float32 rows, so such twins tie (against the target) and nothing else does.
+    """
+    if not precise:
+        return (hidden * weight).sum(-1) + bias, None
+    hidden, weight, bias = hidden.double(), weight.double(), bias.double()
+    scores = (hidden * weight).sum(-1) + bias
+    return scores, 1e-9 * (hidden.norm(dim=-1) * weight.norm(dim=-1) + bias.abs())
+
+
+def at_or_above(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                reference: torch.Tensor, slack: torch.Tensor | None) -> torch.Tensor:
+    """hidden (Q, D), rows (C, D) and (C,), reference (Q,) and slack from `reference_scores` ->
+    (Q, C) bool: the row scores at least the reference."""
+    if slack is None:
+        return torch.addmm(bias, hidden, weight.t()) >= reference.unsqueeze(1)
+    scores = torch.addmm(bias.double(), hidden.double(), weight.double().t())
+    return scores >= (reference - slack).unsqueeze(1)
 
 
 def top_columns(scores: torch.Tensor, k: int) -> torch.Tensor:

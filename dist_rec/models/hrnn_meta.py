@@ -70,8 +70,11 @@ class HRNNMeta(HRNN):
         self.context_embedding = (nn.Embedding(dims.num_contexts + 1, context_dim, padding_idx=0)
                                   if context_dim else None)
         # w(f_j), b(f_j) of eq. 2: the item's feature view in the decoder, its own embeddings.
+        # No constant term: lambda is one number per training step, so a constant would shift every
+        # score of a query alike, which the softmax ignores (zero gradient: Adam would walk it on
+        # rounding noise), yet at inference it would move cold items (lambda 1) against warm ones.
         self.decoder_fields = FieldEmbedding(dims.item_feature_sizes, options["feature_dim"])
-        self.feature_rows = (nn.Linear(self.decoder_fields.width, config.hidden_dim + 1)
+        self.feature_rows = (nn.Linear(self.decoder_fields.width, config.hidden_dim + 1, bias=False)
                              if dims.item_feature_sizes else None)
         self.value_head = (nn.Sequential(nn.Linear(config.hidden_dim + config.embedding_dim, config.hidden_dim),
                                          nn.ReLU(), nn.Linear(config.hidden_dim, 1))
@@ -185,12 +188,15 @@ class MetaScorer:
         every = torch.arange(self.num_items + 1, device=self.encoder.item_features.device)
         return self.output_rows(every)
 
-    def topk(self, hidden: torch.Tensor, k: int, exclude: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tables.topk(hidden, k, exclude=exclude, row_view=self.mix)
+    def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
+             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (N, D) -> (scores (N, k), item ids (N, k)) over the mixed rows; as the tables'."""
+        return self.tables.topk(hidden, k, chunk_rows, exclude, row_view=self.mix)
 
-    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.tables.target_ranks(hidden, targets, row_view=self.mix)
+    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
+                     chunk_rows: int = 262_144) -> torch.Tensor:
+        """hidden (N, D), targets (N,) -> (N,) 0-based ranks over the mixed rows; as the tables'."""
+        return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.mix)
 
 
 def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:

@@ -53,16 +53,14 @@ def build_meta():
     return model
 
 
-# The constant terms of the feature rows (feature_rows.bias) shift every item's score for a query
-# alike, which a softmax ignores: their gradient is 0 up to rounding, and Adam would scale that
-# noise (1e-8 either side) to steps of +-lr, different on every world size. SGD keeps it noise.
-META_OPTIMIZER = torch.optim.SGD
-
-
-def meta_queries(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_queries(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (4 + r, 8), targets (4 + r,), exclude (4 + r, 2): row 0 excludes a warm and a
+    cold item."""
     generator = torch.Generator().manual_seed(70 + rank)
+    exclude = torch.zeros(4 + rank, 2, dtype=torch.int64)
+    exclude[0] = torch.tensor([7, 44])
     return (torch.randn(4 + rank, 8, generator=generator),
-            torch.randint(1, NUM_ITEMS + 1, (4 + rank,), generator=generator))
+            torch.randint(1, NUM_ITEMS + 1, (4 + rank,), generator=generator), exclude)
 
 
 def make_batch(world: int, step: int) -> SequenceBatch:
@@ -91,11 +89,10 @@ def item_counts() -> np.ndarray:
     return counts
 
 
-def train(model, name: str, world: int, rank: int | None, dense=torch.optim.Adam):
-    """TRAIN_STEPS steps of `dense` (lr 0.01) + RowWiseAdagrad; rank None trains on whole
-    batches."""
+def train(model, name: str, world: int, rank: int | None):
+    """TRAIN_STEPS steps of Adam + RowWiseAdagrad; rank None trains on whole batches."""
     loss_fn = build_loss(LOSSES[name], item_counts())
-    optimizers = Optimizers(dense=dense(model.dense_parameters(), lr=0.01),
+    optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=0.01),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
     generator = torch.Generator().manual_seed(3)
     rows = slice(None) if rank is None else slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -161,12 +158,13 @@ def _worker(rank: int, world: int, directory: str) -> None:
         model = build_meta()
         model.tables = ShardedItemTables.from_full(model.tables)
         model.encoder = DistributedDataParallel(model.encoder)
-        _, losses = train(model, name, world, rank, META_OPTIMIZER)
+        _, losses = train(model, name, world, rank)
         model.eval()
-        hidden, targets = meta_queries(rank)
-        results["meta"][name] = {"losses": losses, "encoder": model.encoder.module.state_dict(),
-                                 "topk": model.scorer.topk(hidden, 10),
-                                 "ranks": model.scorer.target_ranks(hidden, targets)}
+        hidden, targets, exclude = meta_queries(rank)
+        results["meta"][name] = {
+            "losses": losses, "encoder": model.encoder.module.state_dict(),
+            "topk": model.scorer.topk(hidden, 10, chunk_rows=7, exclude=exclude),
+            "ranks": model.scorer.target_ranks(hidden, targets, chunk_rows=7)}
 
     tables = ShardedItemTables.from_full(lookup_tables())
     loss = lookup_loss(tables, *lookup_inputs(rank, world))
@@ -231,19 +229,22 @@ def test_hrnn_meta_trains_and_ranks_as_unsharded(ranks, name):
     full-catalog ranking (each shard mixing its own rows, cold items at lambda 1) the same lists."""
     world = len(ranks)
     model = build_meta()
-    _, losses = train(model, name, world, None, META_OPTIMIZER)
+    _, losses = train(model, name, world, None)
     model.eval()
     shards = [result["meta"][name] for result in ranks]
     torch.testing.assert_close(torch.tensor([s["losses"] for s in shards]).mean(0), torch.tensor(losses),
                                rtol=1e-5, atol=1e-6)
+    cold_listed = False
     for rank, shard in enumerate(shards):
         torch.testing.assert_close(shard["encoder"], model.encoder.state_dict(), rtol=1e-5, atol=1e-6)
-        hidden, targets = meta_queries(rank)
-        scores, items = model.scorer.topk(hidden, 10)
+        hidden, targets, exclude = meta_queries(rank)
+        scores, items = model.scorer.topk(hidden, 10, exclude=exclude)
         assert torch.equal(shard["topk"][1], items)
         torch.testing.assert_close(shard["topk"][0], scores, rtol=1e-5, atol=1e-5)
+        assert not set(items[0].tolist()) & {7, 44}
         assert torch.equal(shard["ranks"], model.scorer.target_ranks(hidden, targets))
-    assert (items >= 40).any()                      # cold items, scored by their category, rank
+        cold_listed |= bool((items >= 40).any())
+    assert cold_listed                              # cold items, scored by their category, rank
     assert not torch.equal(model.encoder.feature_rows.weight, build_meta().encoder.feature_rows.weight)
 
 

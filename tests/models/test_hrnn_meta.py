@@ -103,7 +103,7 @@ def test_decoder_mixes_id_and_feature_scores_by_lambda():
     w, b = tables.output.weight[items], tables.bias.weight[items, 0]
     fields = torch.cat([encoder.decoder_fields.fields[f].weight[encoder.item_features[items, f]]
                         for f in range(2)], dim=1)
-    feature = fields @ encoder.feature_rows.weight.T + encoder.feature_rows.bias
+    feature = fields @ encoder.feature_rows.weight.T
     id_score, feature_score = w @ h + b, feature[:, :-1] @ h + feature[:, -1]
 
     model.train()

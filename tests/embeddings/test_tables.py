@@ -1,0 +1,34 @@
+"""ItemTables' full-catalog ranking through a row view whose rows repeat (HRNN-meta's cold items
+of one category): bit-identical rows tie with the target, whatever the batch and the chunks."""
+from __future__ import annotations
+
+import torch
+
+from dist_rec.embeddings.table import ItemTables
+
+NUM_ITEMS, TWINS = 30, range(12, 31)          # items 12..30 all score through one row
+
+
+def twin_view(ids: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor):
+    twin = (ids >= TWINS.start).unsqueeze(-1)
+    row = torch.linspace(-1.3, 0.9, vectors.shape[-1])
+    return torch.where(twin, row, vectors), torch.where(twin.squeeze(-1), torch.tensor(0.37), bias)
+
+
+def test_identical_rows_tie_with_the_target_in_any_batch_and_chunking():
+    torch.manual_seed(0)
+    tables = ItemTables(NUM_ITEMS, 7, 7)
+    hidden = torch.randn(16, 7)
+    targets = torch.tensor([14] * 8 + [3] * 8)
+    # Expected by hand: every row scored the same way in float64, so twins are exactly equal.
+    vectors, bias = twin_view(torch.arange(NUM_ITEMS + 1), *tables.output_weight())
+    scores = hidden.double() @ vectors.double().T + bias.double()
+    scores[:, 0] = -torch.inf
+    own = scores.gather(1, targets[:, None])
+    expected = (scores >= own).sum(1) - 1
+    assert (expected[:8] >= len(TWINS) - 1).all()      # the other 18 twins count against item 14
+    for chunk_rows in (262_144, 5):
+        together = tables.target_ranks(hidden, targets, chunk_rows, row_view=twin_view)
+        alone = torch.cat([tables.target_ranks(hidden[i:i + 1], targets[i:i + 1], chunk_rows,
+                                               row_view=twin_view) for i in range(16)])
+        assert torch.equal(together, expected) and torch.equal(alone, expected), chunk_rows
