@@ -37,7 +37,7 @@ from dist_rec.data.readers import read_events, read_user_behavior
 from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
 from dist_rec.data.vocab import Vocabulary
 from dist_rec.models.base import Dimensions
-from dist_rec.storage import filesystem
+from dist_rec.storage import filesystem, pyarrow_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class PreparedData:
         fs, root = filesystem(self.uri, self.storage_options)
         with fs.open(posixpath.join(root, "test_histories.parquet"), "rb") as f:
             return pq.read_table(f)
+
+    def windows(self, columns: list[str]) -> pa.Table:
+        """The training windows' `columns`, read whole (for small summaries, not for training)."""
+        fs, path = pyarrow_filesystem(posixpath.join(self.uri, "windows"), self.storage_options)
+        return pq.read_table(path, filesystem=fs, columns=columns)
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.load(posixpath.join(self.uri, "vocab"), self.storage_options)

@@ -14,6 +14,7 @@ predicted, or of the first one of a multi-event ground truth).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from contextlib import contextmanager
@@ -213,13 +214,15 @@ def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
     Rules: histories with values (a table from build_histories with DataConfig.carry_values);
     each user's last `max_length` events, every event after the first predicted from the events
     before it (and from the event's item, which the value head reads), `now` unused (the deltas
-    are the real gaps). Returns rmse (over events) and count (events).
+    are the real gaps). Returns rmse (over events) and count (events). `model`: a NextItemModel
+    with a value head, or anything with its `hidden` and `predict_values` (e.g.
+    models.baselines.RollingAverageValues).
     """
     h = as_histories(histories)
     if h.values is None:
         raise ValueError("next_value_rmse: the histories carry no values "
                          "(prepare with DataConfig.carry_values)")
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     squared, count = 0.0, 0
     with _inference(model):
         for _, batch in _batches(h, np.zeros(len(h), np.int64), max_length,

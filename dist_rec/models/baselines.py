@@ -1,13 +1,18 @@
-"""Popularity baselines: MostPop (all-time counts) and RecentPop (counts in the hours before `now`).
+"""Baselines: MostPop (all-time counts) and RecentPop (counts in the hours before `now`) for
+ranking, and the rolling average for next-event values (HRNN-meta's value head).
 
-They are not encoders: they rank the catalog by event counts, the same ranking for every row of a
-batch, through the evaluation `Ranker` methods (topk, target_ranks, candidate_scores), so the
-protocols evaluate them like models. Ties are broken by the lower item id in `topk` and count
-against the target in `target_ranks`, as for the models; item 0 (padding) is never ranked.
+The popularity baselines are not encoders: they rank the catalog by event counts, the same ranking
+for every row of a batch, through the evaluation `Ranker` methods (topk, target_ranks,
+candidate_scores), so the protocols evaluate them like models. Ties are broken by the lower item id
+in `topk` and count against the target in `target_ranks`, as for the models; item 0 (padding) is
+never ranked. The value baseline has the value head's interface (`hidden`, `predict_values`), so
+`evaluation.next_value_rmse` scores it like a model.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch import nn
 
 from dist_rec.batch import SequenceBatch
 
@@ -99,3 +104,40 @@ def most_pop(num_items: int) -> PopularityRanker:
 def recent_pop(num_items: int, hours: float = 24.0) -> PopularityRanker:
     """RecentPop: counts over the `hours` before `now` (given to fit)."""
     return PopularityRanker(num_items, window_hours=hours)
+
+
+class RollingAverageValues(nn.Module):
+    """The next event's value as the mean of the user's average value so far and the item's
+    average value in training (the training average for items without one): the baseline of the
+    HRNN-meta paper's Table 4.
+
+    `hidden(batch)` (B, T, 1) is the user's running average over the window's values up to step
+    t; `predict_values(hidden (N, 1), next items (N,))` -> (N,).
+    """
+
+    predicts_values = True
+
+    def __init__(self, item_means: torch.Tensor):
+        super().__init__()
+        self.register_buffer("item_means", item_means.to(torch.float32))    # (N + 1,)
+
+    @staticmethod
+    def fit(items: np.ndarray, values: np.ndarray, num_items: int) -> "RollingAverageValues":
+        """Training events' dense item ids and values (M,) (item 0 = padding, ignored)."""
+        items, values = np.asarray(items, np.int64), np.asarray(values, np.float64)
+        real = items > 0
+        sums = np.bincount(items[real], values[real], minlength=num_items + 1)
+        counts = np.bincount(items[real], minlength=num_items + 1)
+        overall = values[real].mean() if real.any() else 0.0
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), overall)
+        return RollingAverageValues(torch.as_tensor(means))
+
+    def hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        if batch.values is None:
+            raise ValueError("RollingAverageValues: the batch has no values")
+        real = (batch.items > 0).to(torch.float32)
+        seen = real.cumsum(1).clamp(min=1)
+        return ((batch.values * real).cumsum(1) / seen).unsqueeze(-1)
+
+    def predict_values(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (hidden[:, 0] + self.item_means[targets])

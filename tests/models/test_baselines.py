@@ -1,12 +1,17 @@
-"""MostPop and RecentPop rankings on hand-made counts, ties, exclusions and time windows."""
+"""MostPop and RecentPop rankings on hand-made counts, ties, exclusions and time windows; the
+rolling-average value baseline by hand."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from dist_rec.batch import SequenceBatch
-from dist_rec.models.baselines import PopularityRanker, most_pop, recent_pop
+from dist_rec.evaluation.protocols import next_value_rmse
+from dist_rec.models.baselines import PopularityRanker, RollingAverageValues, most_pop, recent_pop
 
 
 def batch_of(rows: int) -> SequenceBatch:
@@ -81,3 +86,17 @@ def test_bad_input_is_named():
         most_pop(4).topk(batch_of(1), 2)
     with pytest.raises(ValueError, match=r"targets must be in 1\.\.4"):
         most_pop(4).fit([1]).target_ranks(batch_of(1), torch.tensor([0]))
+
+
+def test_rolling_average_values_by_hand():
+    """Item averages from training (item 3 has none: the overall average 8/3; padding's 9 is
+    ignored), the user's running average over the window: prediction = the mean of the two."""
+    baseline = RollingAverageValues.fit(np.array([1, 1, 2, 0]), np.array([1.0, 3.0, 4.0, 9.0]), 3)
+    assert baseline.item_means[1:].tolist() == pytest.approx([2.0, 4.0, 8 / 3])
+    table = pa.table({"user": [1], "items": [[2, 1, 3]],
+                      "values": pa.array([[5.0, 1.0, 2.0]], pa.list_(pa.float32()))})
+    # Next item 1 after values (5): 0.5 (5 + 2) = 3.5 vs 1; next item 3 after (5, 1): 0.5 (3 + 8/3)
+    # = 17/6 vs 2. RMSE = sqrt((2.5^2 + (5/6)^2) / 2).
+    result = next_value_rmse(baseline, table)
+    assert result["count"] == 2
+    assert result["rmse"] == pytest.approx(math.sqrt((2.5 ** 2 + (5 / 6) ** 2) / 2), rel=1e-6)
