@@ -14,8 +14,13 @@ from typing import Any
 
 from dist_rec.config import JobConfig
 
+def column_list(text: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b')."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 # flag -> (config path, type, help). One table, so --help and the config cannot drift apart.
-TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--events": ("data.events_uri", str, "events to train on: UserBehavior.csv or a Parquet "
                  "directory, local or s3://; empty = generate Taobao-like data first"),
     "--work-dir": ("data.work_dir", str, "where prepared data (vocabulary, window shards) goes"),
@@ -25,6 +30,9 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
                          "context (e.g. device), an input of hrnn_meta"),
     "--values": ("data.carry_values", bool, "Parquet events: carry the `value` column into "
                  "training (hrnn_meta's value_feedback / value_head options)"),
+    "--user-features": ("data.user_feature_columns", column_list, "Parquet events: comma-"
+                        "separated columns of user attributes (each user's newest value), "
+                        "inputs of hrnn_meta"),
     "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
     "--embedding": ("model.embedding_dim", int, "input item vector size E"),
     "--loss": ("sampler.loss", str, "full_softmax | sampled_softmax | bpr_max | bce"),

@@ -50,14 +50,16 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("sharding", ["none", "row"])
 def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_path, sharding):
-    """Parquet events with a device and a value column: the optional window columns go through
-    Ray Data to 2 DDP workers, with replicated or row-sharded item tables (eq. 2's mixed rows on
-    each shard), and the value head's RMSE comes back with the ranking metrics."""
+    """Parquet events with a device, a value and a user segment column: the optional window
+    columns go through Ray Data to 2 DDP workers, with replicated or row-sharded item tables
+    (eq. 2's mixed rows on each shard), and the value head's RMSE comes back with the ranking
+    metrics."""
     (tmp_path / "events").mkdir()
     write_world(tmp_path / "events" / "part-0.parquet", num_users=2_000)
     job = smoke_job(tmp_path, "--events", str(tmp_path / "events"), "--model", "hrnn_meta",
                     "--sharding", sharding,
-                    "--context-column", "device", "--values", "--test-users", "200",
+                    "--context-column", "device", "--values", "--user-features", "segment",
+                    "--test-users", "200",
                     "--epochs", "8", "--batch-size", "64", "--lr", "0.01", "--set",
                     'model.options={"value_head": true, "value_feedback": true, "feature_dim": 8}')
     result = pipeline.run(job)
@@ -75,9 +77,10 @@ def test_cli_config_round_trip(tmp_path, capsys):
     from dist_rec.cli import main
 
     assert main(["train", "--smoke-test", "--set", "data.session_gap_seconds=600",
-                 "--hidden", "48", "--print-config"]) == 0
+                 "--hidden", "48", "--user-features", "segment, age", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["data"]["session_gap_seconds"] == 600
+    assert printed["data"]["user_feature_columns"] == ["segment", "age"]
     assert printed["model"]["hidden_dim"] == 48
     assert printed["run_name"] == "smoke"
     (tmp_path / "run.json").write_text(json.dumps(printed))
