@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of,
+from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of, chunk_scores,
                                        reference_scores, top_columns)
 
 
@@ -269,8 +269,8 @@ class ShardedItemTables(nn.Module):
         best_scores = everything.new_full((everything.shape[0], k), float("-inf"))
         best_items = torch.zeros(everything.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start, stop in self._chunks(chunk_rows):
-            weight, bias = self._scoring_rows(start, stop, row_view)
-            scores = torch.addmm(bias, everything, weight.t())
+            scores = chunk_scores(everything, *self._scoring_rows(start, stop, row_view),
+                                  precise=row_view is not None)
             inside = (local_excluded >= start) & (local_excluded < stop)
             scores[query_rows[inside], local_excluded[inside] - start] = float("-inf")
             index = top_columns(scores, min(k, stop - start))

@@ -75,8 +75,8 @@ class ItemTables(nn.Module):
         best_items = torch.zeros(hidden.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start in range(1, self.num_items + 1, chunk_rows):
             stop = min(start + chunk_rows, self.num_items + 1)
-            weight, bias = self._scoring_rows(start, stop, row_view)
-            scores = torch.addmm(bias, hidden, weight.t())
+            scores = chunk_scores(hidden, *self._scoring_rows(start, stop, row_view),
+                                  precise=row_view is not None)
             if exclude is not None:
                 local = exclude - start
                 valid = (exclude > 0) & (local >= 0) & (local < stop - start)
@@ -114,6 +114,17 @@ class ItemTables(nn.Module):
             above[inside.nonzero().squeeze(1), targets[inside] - start] = True
             ranks += above.sum(1)
         return ranks - 1  # minus the target itself
+
+
+def chunk_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 precise: bool) -> torch.Tensor:
+    """hidden (Q, D), rows (C, D) and (C,) -> scores (Q, C) in hidden's dtype. Precise, for row
+    views: computed in float64 and rounded, so bit-identical rows (which a matmul may round apart
+    by an ulp) score the same in any batch or chunk, and top-k orders them by item id (two float64
+    scores a few ulps apart straddle a float32 rounding boundary with probability ~1e-9)."""
+    if not precise:
+        return torch.addmm(bias, hidden, weight.t())
+    return torch.addmm(bias.double(), hidden.double(), weight.double().t()).to(hidden.dtype)
 
 
 def reference_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -1,5 +1,6 @@
 """ItemTables' full-catalog ranking through a row view whose rows repeat (HRNN-meta's cold items
-of one category): bit-identical rows tie with the target, whatever the batch and the chunks."""
+of one category): bit-identical rows tie with the target and top-k lists them by item id,
+whatever the batch and the chunks."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +33,18 @@ def test_identical_rows_tie_with_the_target_in_any_batch_and_chunking():
         alone = torch.cat([tables.target_ranks(hidden[i:i + 1], targets[i:i + 1], chunk_rows,
                                                row_view=twin_view) for i in range(16)])
         assert torch.equal(together, expected) and torch.equal(alone, expected), chunk_rows
+
+
+def test_identical_rows_are_listed_by_item_id_in_any_batch_and_chunking():
+    torch.manual_seed(0)
+    tables = ItemTables(NUM_ITEMS, 7, 7)
+    hidden = torch.randn(16, 7)
+    hidden[:4] = torch.linspace(-1.3, 0.9, 7) * 3      # the twins' own direction: they lead
+    reference = tables.topk(hidden, 25, row_view=twin_view)[1]
+    for chunk_rows in (262_144, 5):
+        alone = torch.cat([tables.topk(hidden[i:i + 1], 25, chunk_rows, row_view=twin_view)[1]
+                           for i in range(16)])
+        assert torch.equal(alone, reference), chunk_rows
+    for row in reference[:4]:
+        twins = row[row >= TWINS.start]
+        assert len(twins) == len(TWINS) and torch.equal(twins, torch.arange(12, 31))
