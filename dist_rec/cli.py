@@ -33,6 +33,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--user-features": ("data.user_feature_columns", column_list, "Parquet events: comma-"
                         "separated columns of user attributes (each user's newest value), "
                         "inputs of hrnn_meta"),
+    "--item-features": ("data.item_feature_columns", column_list, "Parquet events: comma-"
+                        "separated columns of item attributes beside category_id (each item's "
+                        "newest value), inputs and eq. 2 feature rows of hrnn_meta"),
     "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
     "--embedding": ("model.embedding_dim", int, "input item vector size E"),
     "--loss": ("sampler.loss", str, "full_softmax | sampled_softmax | bpr_max | bce"),

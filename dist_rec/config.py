@@ -33,11 +33,13 @@ class DataConfig:
     carry_values: bool = False           # the events' `value` into the windows (feedback, value head)
     context_column: str = ""             # event column of the request context, e.g. "device"
     user_feature_columns: tuple[str, ...] = ()   # event columns of user attributes (newest per user)
+    item_feature_columns: tuple[str, ...] = ()   # event columns of item attributes, beside category_id
 
     def __post_init__(self):
-        if isinstance(self.user_feature_columns, str):   # ("a") is "a": a likely slip
-            raise TypeError(f"DataConfig.user_feature_columns: a list of column names, got the "
-                            f"string {self.user_feature_columns!r}")
+        for name in ("user_feature_columns", "item_feature_columns"):
+            if isinstance(getattr(self, name), str):   # ("a") is "a": a likely slip
+                raise TypeError(f"DataConfig.{name}: a list of column names, got the string "
+                                f"{getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,14 @@ class FieldCodes:
 class EventFields:
     """The categorical fields prepared data derives from the events, by what they describe."""
 
-    items: tuple[FieldCodes, ...] = ()    # per-item attributes: category_id when the events have it
+    items: tuple[FieldCodes, ...] = ()    # per-item attributes: category_id when the events have
+                                           # it, then DataConfig.item_feature_columns
     context: FieldCodes | None = None      # the request context (DataConfig.context_column)
     users: tuple[FieldCodes, ...] = ()    # per-user attributes (DataConfig.user_feature_columns)
 
     @staticmethod
-    def fit(train_events: pa.Table, context_column: str = "",
-            user_columns: tuple[str, ...] = ()) -> "EventFields":
+    def fit(train_events: pa.Table, context_column: str = "", user_columns: tuple[str, ...] = (),
+            item_columns: tuple[str, ...] = ()) -> "EventFields":
         """Codes from the training events; a configured column without any value raises."""
         def fit(column: str) -> FieldCodes:
             codes = FieldCodes.fit(column, train_events[column])
@@ -74,7 +75,8 @@ class EventFields:
             return codes
 
         has_category = "category_id" in train_events.column_names
-        return EventFields(tuple(fit(c) for c in ("category_id",) if has_category),
+        items = ("category_id",) * has_category + tuple(item_columns)
+        return EventFields(tuple(fit(c) for c in items),
                            fit(context_column) if context_column else None,
                            tuple(fit(c) for c in user_columns))
 

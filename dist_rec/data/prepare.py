@@ -4,8 +4,9 @@ Layout of a prepared directory (local or s3://):
     meta.json                 sizes, vocabulary hash, counts; written last (its presence = complete)
     vocab/                    Vocabulary.save
     item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
-    item_features.npy         (num_items + 1, 1) dense category code per item (1..n; 0 = none),
-                              only when the events have category_id (HRNN-meta's item features)
+    item_features.npy         (num_items + 1, F) code per item of category_id (when the events
+                              have it) and each DataConfig.item_feature_columns (its newest
+                              event's; 1..n, 0 = none): HRNN-meta's item features
     user_features.npy         (num_users + 1, G) code per user of each DataConfig.user_feature_columns
                               (its newest event's), only when there are such columns
     feature_codes.json        raw value -> code of the item, context and user fields
@@ -103,10 +104,10 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
     """
     uri = config.events_uri
     metadata = (config.context_column,) if config.context_column else ()
-    metadata += config.user_feature_columns
+    metadata += config.user_feature_columns + config.item_feature_columns
     if uri.endswith((".csv", ".csv.gz")):
         if config.carry_values or metadata:
-            raise ValueError(f"{uri}: UserBehavior.csv has no value, context or user feature "
+            raise ValueError(f"{uri}: UserBehavior.csv has no value, context or feature "
                              f"columns, but DataConfig asks for carry_values="
                              f"{config.carry_values}, {metadata or 'no metadata columns'}; "
                              f"give such events as Parquet")
@@ -132,7 +133,8 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
 
     vocab = Vocabulary.from_config(train_events, config)
     test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
-    fields = EventFields.fit(train_events, config.context_column, config.user_feature_columns)
+    fields = EventFields.fit(train_events, config.context_column, config.user_feature_columns,
+                             config.item_feature_columns)
     contexts = fields.context
 
     def context_codes(table: pa.Table) -> np.ndarray | None:

@@ -53,3 +53,7 @@ def test_event_fields_by_what_they_describe():
         EventFields.fit(events.filter(pa.array([False, True])), "device")
     with pytest.raises(TypeError, match="user_feature_columns: a list of column names"):
         DataConfig(user_feature_columns="segment")
+    with pytest.raises(TypeError, match="item_feature_columns: a list of column names"):
+        DataConfig(item_feature_columns="brand")
+    items_too = EventFields.fit(events, item_columns=("segment",))
+    assert [f.column for f in items_too.items] == ["category_id", "segment"]

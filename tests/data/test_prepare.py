@@ -37,26 +37,31 @@ def test_prepared_data_round_trip_with_item_categories(tmp_path):
 def test_values_contexts_and_user_features_reach_the_prepared_data(tmp_path):
     """Parquet events with a value, a request context (device) and a user attribute (segment):
     codes fitted on the training users, newest attribute per user, unseen values coded 0."""
-    # (user, item, timestamp, value, device, segment); user 9 (10 events) is the test user.
-    rows = [(1, 5, 100, 4.0, "web", "a"), (1, 7, 110, 2.0, "app", "b"), (1, 5, 120, 5.0, None, "b"),
-            (2, 6, 100, 1.0, "app", None), (2, 7, 200, 3.0, "app", None)]
-    rows += [(9, 6, 300 + i, 0.5 * i, "tv" if i < 9 else "app", "a") for i in range(10)]
-    users, items, times, values, devices, segments = zip(*rows)
+    # (user, item, timestamp, value, device, segment, brand); user 9 (10 events) is the test user.
+    rows = [(1, 5, 100, 4.0, "web", "a", "acme"), (1, 7, 110, 2.0, "app", "b", "bolt"),
+            (1, 5, 120, 5.0, None, "b", None), (2, 6, 100, 1.0, "app", None, "acme"),
+            (2, 7, 200, 3.0, "app", None, "bolt")]
+    rows += [(9, 6, 300 + i, 0.5 * i, "tv" if i < 9 else "app", "a", "zed") for i in range(10)]
+    users, items, times, values, devices, segments, brands = zip(*rows)
     events = pa.table({"user_id": users, "item_id": items, "timestamp": times,
                        "event_type": ["pv"] * len(rows), "category_id": [1] * len(rows),
                        "value": pa.array(values, pa.float32()), "device": devices,
-                       "segment": segments})
+                       "segment": segments, "brand": brands})
     pq.write_table(events, tmp_path / "events.parquet")
     config = DataConfig(events_uri=str(tmp_path / "events.parquet"), window_length=4,
                         carry_values=True, context_column="device",
-                        user_feature_columns=("segment",))
+                        user_feature_columns=("segment",), item_feature_columns=("brand",))
 
     prepared = prepare(config, str(tmp_path / "prepared"), test_users=1, seed=0)
     dims = prepared.dimensions
     assert (dims.num_contexts, dims.user_feature_sizes, dims.num_users) == (2, (2,), 3)
     fields = prepared.fields()
     assert fields.context.values == ("app", "web") and fields.users[0].values == ("a", "b")
-    assert [f.column for f in fields.items] == ["category_id"]
+    assert [f.column for f in fields.items] == ["category_id", "brand"]
+    # Items 5, 6, 7 are dense 1, 2, 3; one category; brands from the training events only (user
+    # 9's "zed" is unknown): item 5's newest brand is missing, so its earlier acme stays.
+    assert dims.item_feature_sizes == (1, 2)
+    assert prepared.item_features.tolist() == [[0, 0], [1, 1], [1, 1], [1, 2]]
     # Users 1, 2 (training) and 9 (test) are dense 1, 2, 3: user 1's newest segment is b, user 2
     # has none, user 9's a.
     assert prepared.user_features.tolist() == [[0], [2], [0], [1]]

@@ -29,8 +29,8 @@ ITEMS, USERS, EVENTS_PER_USER = 40, 400, 12
 
 def write_world(path, num_users: int = USERS, seed: int = 0, varied_lengths: bool = False) -> None:
     """Device "app" -> items 1..20, "web" -> items 21..40, drawn uniformly; value = the user's
-    offset (sd 1) + noise (sd 0.2); segment = the user id's parity. Every user has
-    EVENTS_PER_USER events, or 10 to 30 with `varied_lengths`."""
+    offset (sd 1) + noise (sd 0.2); segment = the user id's parity; brand = item id mod 3. Every
+    user has EVENTS_PER_USER events, or 10 to 30 with `varied_lengths`."""
     rng = np.random.default_rng(seed)
     lengths = (rng.integers(10, 31, num_users) if varied_lengths
                else np.full(num_users, EVENTS_PER_USER))
@@ -42,7 +42,8 @@ def write_world(path, num_users: int = USERS, seed: int = 0, varied_lengths: boo
         "user_id": users, "item_id": items, "timestamp": np.arange(len(users)) - np.repeat(np.cumsum(lengths) - lengths, lengths),
         "event_type": ["pv"] * len(users), "category_id": np.ones(len(users), np.int64),
         "value": values.astype(np.float32), "device": np.where(on_web, "web", "app"),
-        "segment": np.where(users % 2 == 1, "odd", "even")}), path)
+        "segment": np.where(users % 2 == 1, "odd", "even"),
+        "brand": np.array(["acme", "bolt", "corp"])[items % 3]}), path)
 
 
 def train(tmp_path, context_column: str) -> tuple:
