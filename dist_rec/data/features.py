@@ -74,8 +74,8 @@ class EventFields:
                 raise ValueError(f"event column {column!r} has no value in the training events")
             return codes
 
-        has_category = "category_id" in train_events.column_names
-        items = ("category_id",) * has_category + tuple(item_columns)
+        category = ("category_id",) if "category_id" in train_events.column_names else ()
+        items = category + tuple(item_columns)
         return EventFields(tuple(fit(c) for c in items),
                            fit(context_column) if context_column else None,
                            tuple(fit(c) for c in user_columns))
