@@ -82,7 +82,8 @@ TABLES = (
      "amazon",
      (("sampled HR@10", "test", "sampled_hr@10"), ("sampled NDCG@10", "test", "sampled_ndcg@10"),
       ("full HR@10", "test", "full_hr@10"), ("full NDCG@10", "test", "full_ndcg@10"),
-      ("full HR@20", "test", "full_hr@20")), "published sampled HR@10 / NDCG@10",
+      ("full HR@20", "test", "full_hr@20"),
+      ("full HR@20, unseen items", "test", "full_unseen_hr@20")), "published sampled HR@10 / NDCG@10",
      {"mostpop": ("popularity (≈)", (0.47, 0.28)), "sasrec": ("SASRec", (0.7410, 0.5360)),
       "convrec": ("ConvRec", (0.7361, 0.5379))}),
 )
@@ -369,7 +370,9 @@ def _sampler(args, loss: str) -> SamplerConfig:
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: list[float | None]) -> str:
+    if None in values:
+        return "—"                       # recorded before the protocol reported this figure
     if len(values) < 2:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
@@ -377,11 +380,13 @@ def _stat(values: list[float]) -> str:
 
 def _grouped(records: list[dict], dataset: str) -> list[tuple[tuple[str, str, str], list[dict]]]:
     """Rows: one per model, loss and command, so seeds of one run are averaged and runs with
-    other budgets or settings stay apart."""
+    other budgets or settings stay apart; a rerun of a command supersedes its earlier records of
+    the same seed (records are in time order)."""
+    latest = {(r["model"], r["loss"], r.get("command", ""), r["seed"]): r
+              for r in records if r["dataset"] == dataset}
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in records:
-        if r["dataset"] == dataset:
-            groups.setdefault((r["model"], r["loss"], r.get("command", "")), []).append(r)
+    for (model, loss, command, _), r in latest.items():
+        groups.setdefault((model, loss, command), []).append(r)
     order = {m: i for i, m in enumerate(MODELS[dataset])}
     return sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))
 
@@ -413,7 +418,7 @@ def render_tables(records: list[dict]) -> str:
         for (model, loss, command), rs in groups:
             name, figures = published.get(model, ("—", ()))
             out.append(_row([model, loss, str(len(rs)),
-                             *(_stat([r[section][key] for r in rs]) for _, section, key in columns),
+                             *(_stat([r[section].get(key) for r in rs]) for _, section, key in columns),
                              name, " / ".join(f"{x:.4f}" for x in figures) or "—", *_cost(rs),
                              f"({commands[command]})"]))
         out.append("")

@@ -109,11 +109,19 @@ def test_tables_show_mean_and_sample_sd_over_seeds():
             "best_epoch": 3, "stopped_by_budget": False, "train_seconds": 10.0, "command": "cmd", "machine": "m",
             "date": "2026-01-01T00:00:00"}
     figures = {"sampled_ndcg@10": 0.5, "full_hr@10": 0.1, "full_ndcg@10": 0.05, "full_hr@20": 0.2}
-    text = reproduce.render_tables([{**base, "test": {**figures, "sampled_hr@10": hr}}
-                                    for hr in (0.5, 0.7)])
-    # mean 0.6, sample sd = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    records = [{**base, "seed": seed, "test": {**figures, "sampled_hr@10": hr}}
+               for seed, hr in enumerate((0.5, 0.7))]
+    text = reproduce.render_tables(records)
+    # mean 0.6, sample sd = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; the unseen-items figure was
+    # not recorded: a dash
     assert ("| sasrec | full_softmax | 2 | 0.6000 ± 0.1414 | 0.5000 ± 0.0000 | 0.1000 ± 0.0000 | "
-            "0.0500 ± 0.0000 | 0.2000 ± 0.0000 | SASRec | 0.7410 / 0.5360 | 4(3)/4(3) | 10 |") in text
+            "0.0500 ± 0.0000 | 0.2000 ± 0.0000 | — | SASRec | 0.7410 / 0.5360 | 4(3)/4(3) | 10 |") in text
+    # A rerun of the same command replaces seed 1's record, unseen-items figure included.
+    rerun = {**base, "seed": 1, "test": {**figures, "sampled_hr@10": 0.9, "full_unseen_hr@20": 0.3}}
+    text = reproduce.render_tables(records[:1] + [rerun])
+    assert "| sasrec | full_softmax | 2 | 0.7000 ± 0.2828 |" in text
+    text = reproduce.render_tables(records + [{**rerun, "seed": 0}, rerun])
+    assert "| 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | SASRec |" in text
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -123,7 +131,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 
 def test_write_docs_touches_only_the_text_between_its_markers(tmp_path):
-    record = {"dataset": "yoochoose", "model": "mostpop", "loss": "-", "command": "cmd",
+    record = {"dataset": "yoochoose", "seed": 0, "model": "mostpop", "loss": "-", "command": "cmd",
               "machine": "m", "date": "2026-01-01T00:00:00",
               "test": {"hr@10": 0.5, "hr@20": 0.6, "ndcg@10": 0.3, "ndcg@20": 0.4},
               "every_position": {"recall@20": 0.7, "mrr@20": 0.2}}

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of, chunk_scores,
-                                       reference_scores, top_columns)
+                                       excluded_cells, reference_scores, top_columns)
 
 
 class _Group:
@@ -258,21 +258,13 @@ class ShardedItemTables(nn.Module):
         group = self._group
         queries = group.all_gather(hidden)
         everything = torch.cat(queries)                                       # (Q, D)
-        if exclude is None:
-            exclude = torch.zeros(hidden.shape[0], 0, dtype=torch.int64, device=hidden.device)
-        width = group.all_reduce(torch.tensor([exclude.shape[1]], device=hidden.device),
-                                 dist.ReduceOp.MAX).item()
-        excluded = torch.cat(group.all_gather(nn.functional.pad(exclude, (0, width - exclude.shape[1]))))
-        ours = (excluded > 0) & (excluded % group.world == group.rank)
-        local_excluded = torch.where(ours, excluded // group.world, -1)       # (Q, M) local rows
-        query_rows = torch.arange(len(everything), device=hidden.device).unsqueeze(1).expand_as(excluded)
+        local_excluded = self._local_exclusions(hidden, exclude)             # (Q, M)
         best_scores = everything.new_full((everything.shape[0], k), float("-inf"))
         best_items = torch.zeros(everything.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start, stop in self._chunks(chunk_rows):
             scores = chunk_scores(everything, *self._scoring_rows(start, stop, row_view),
                                   precise=row_view is not None)
-            inside = (local_excluded >= start) & (local_excluded < stop)
-            scores[query_rows[inside], local_excluded[inside] - start] = float("-inf")
+            scores[excluded_cells(local_excluded, start, stop)] = float("-inf")
             index = top_columns(scores, min(k, stop - start))
             items = (index + start) * group.world + group.rank
             best_scores, best_items = best_of(torch.cat([best_scores, scores.gather(1, index)], 1),
@@ -284,16 +276,19 @@ class ShardedItemTables(nn.Module):
 
     @torch.no_grad()
     def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144, row_view: RowView | None = None) -> torch.Tensor:
+                     chunk_rows: int = 262_144, row_view: RowView | None = None,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
         """0-based rank of each target over the full catalog; ties count against the target.
 
-        hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
-        A collective: each shard counts over its rows, the counts are summed over ranks.
-        `row_view` changes the rows scored (table.RowView).
+        hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target, j not in exclude :
+        score_j >= score_target}, as in ItemTables.target_ranks. A collective: each shard counts
+        over its rows, the counts are summed over ranks. `row_view` changes the rows scored
+        (table.RowView).
         """
         group = self._group
         queries = group.all_gather(hidden)
         everything, targets = torch.cat(queries), torch.cat(group.all_gather(targets))
+        local_excluded = self._local_exclusions(hidden, exclude)             # (Q, M)
         weight, bias = self._output_table().weight, self.bias.weight[:, 0]
         ours = targets % group.world == group.rank
         local = targets // group.world
@@ -315,11 +310,24 @@ class ShardedItemTables(nn.Module):
         for start, stop in self._chunks(chunk_rows):
             above = at_or_above(everything, *self._scoring_rows(start, stop, row_view),
                                 target_scores, slack)
+            above[excluded_cells(local_excluded, start, stop)] = False
             # The target's own column compares equal to itself, however the matmul rounded it.
             inside = ours & (local >= start) & (local < stop)
             above[inside.nonzero().squeeze(1), local[inside] - start] = True
             ranks += above.sum(1)
         return group.all_reduce(ranks)[self._own_slice(queries)] - 1        # minus the target itself
+
+    def _local_exclusions(self, hidden: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+        """Every rank's `exclude` (N, M) item ids (0 = none; None: none) as this shard's local
+        rows (Q, M'), -1 where another shard owns the item; a collective."""
+        group = self._group
+        if exclude is None:
+            exclude = torch.zeros(hidden.shape[0], 0, dtype=torch.int64, device=hidden.device)
+        width = group.all_reduce(torch.tensor([exclude.shape[1]], device=hidden.device),
+                                 dist.ReduceOp.MAX).item()
+        excluded = torch.cat(group.all_gather(nn.functional.pad(exclude, (0, width - exclude.shape[1]))))
+        ours = (excluded > 0) & (excluded % group.world == group.rank)
+        return torch.where(ours, excluded // group.world, -1)
 
     def _chunks(self, chunk_rows: int) -> list[tuple[int, int]]:
         """Local row ranges to score; rank 0 skips its local row 0, the padding item."""

@@ -78,10 +78,7 @@ class ItemTables(nn.Module):
             scores = chunk_scores(hidden, *self._scoring_rows(start, stop, row_view),
                                   precise=row_view is not None)
             if exclude is not None:
-                local = exclude - start
-                valid = (exclude > 0) & (local >= 0) & (local < stop - start)
-                rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(exclude)
-                scores[rows[valid], local[valid]] = float("-inf")
+                scores[excluded_cells(exclude, start, stop)] = float("-inf")
             # Top-k of the chunk first, then merge with the running best: merging whole chunks
             # cost twice the matmul itself.
             columns = top_columns(scores, min(k, stop - start))
@@ -91,12 +88,14 @@ class ItemTables(nn.Module):
 
     @torch.no_grad()
     def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144, row_view: RowView | None = None) -> torch.Tensor:
+                     chunk_rows: int = 262_144, row_view: RowView | None = None,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
         """0-based rank of each target over the full catalog; ties count against the target.
 
-        hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target : score_j >= score_target}.
-        `row_view` changes the rows scored (see RowView; scores are then compared as
-        `reference_scores` says).
+        hidden (N, D), targets (N,) -> ranks (N,) int64 = #{j != target, j not in exclude :
+        score_j >= score_target}. `exclude` (N, M) item ids (0 = none), e.g. items the user has
+        seen, do not compete (the target itself always counts as itself). `row_view` changes the
+        rows scored (see RowView; scores are then compared as `reference_scores` says).
         """
         weight, bias = self.output_weight()
         target_weight, target_bias = weight[targets], bias[targets]
@@ -109,11 +108,21 @@ class ItemTables(nn.Module):
             stop = min(start + chunk_rows, self.num_items + 1)
             above = at_or_above(hidden, *self._scoring_rows(start, stop, row_view),
                                 target_scores, slack)
+            if exclude is not None:
+                above[excluded_cells(exclude, start, stop)] = False
             # The target's own column compares equal to itself, however the matmul rounded it.
             inside = (targets >= start) & (targets < stop)
             above[inside.nonzero().squeeze(1), targets[inside] - start] = True
             ranks += above.sum(1)
         return ranks - 1  # minus the target itself
+
+
+def excluded_cells(excluded: torch.Tensor, start: int, stop: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """excluded (Q, M) row ids -> (query rows, chunk columns) of those in rows [start, stop).
+    Ids outside the range (0 = none on one device; -1 for another shard's) select nothing."""
+    inside = (excluded >= start) & (excluded < stop)
+    return inside.nonzero(as_tuple=True)[0], excluded[inside] - start
 
 
 def chunk_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -47,8 +47,10 @@ class Ranker(Protocol):
              ) -> torch.Tensor:
         """-> (B, k) int64 item ids, best first; `exclude` (B, M) ids (0 = none) never returned."""
 
-    def target_ranks(self, batch: SequenceBatch, targets: torch.Tensor) -> torch.Tensor:
-        """targets (B,) -> (B,) int64 0-based full-catalog ranks; ties count against the target."""
+    def target_ranks(self, batch: SequenceBatch, targets: torch.Tensor,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """targets (B,) -> (B,) int64 0-based full-catalog ranks; ties count against the target;
+        `exclude` (B, M) ids (0 = none) do not compete (the target always counts as itself)."""
 
     def candidate_scores(self, batch: SequenceBatch, candidates: torch.Tensor) -> torch.Tensor:
         """candidates (B, C) item ids -> (B, C) float scores."""
@@ -83,10 +85,12 @@ class ModelRanker:
             exclude = None if exclude is None else exclude.to(self.device)
             return self.model.scorer.topk(self._last_hidden(batch), k, exclude=exclude)[1].cpu()
 
-    def target_ranks(self, batch, targets):
+    def target_ranks(self, batch, targets, exclude=None):
         with _inference(self.model):
             hidden = self._last_hidden(batch)
-            return self.model.scorer.target_ranks(hidden, targets.to(self.device)).cpu()
+            exclude = None if exclude is None else exclude.to(self.device)
+            return self.model.scorer.target_ranks(hidden, targets.to(self.device),
+                                                  exclude=exclude).cpu()
 
     def candidate_scores(self, batch, candidates):
         with _inference(self.model):
@@ -289,9 +293,11 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     `seed`). (a) sampled: candidates = the target + `num_negatives` (100) items drawn uniformly with
     replacement from the items the user NEVER interacted with (train, valid and test: so neither
     the held-out items nor any seen item is ever a negative); rank = #{negatives scoring >= the
-    target} among the 101. (b) full: rank over the whole catalog. Ties count against the target.
-    Returns sampled_{hr,ndcg,mrr}@k and full_{hr,ndcg,mrr}@k, averaged over users, and count.
-    Same seed, same users and negatives (whatever the batch size).
+    target} among the 101. (b) full: rank over the whole catalog. (c) full_unseen: rank over the
+    items the user never interacted with, the population (a) samples its negatives from, so
+    items the user already has (which a recommender would filter) do not compete. Ties count
+    against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
+    users, and count. Same seed, same users and negatives (whatever the batch size).
     """
     if target not in ("test", "valid"):
         raise ValueError(f"user_leave_one_out: target must be 'test' or 'valid', got {target!r}")
@@ -305,17 +311,20 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     inputs = h.slices(users, np.zeros_like(cut), cut)
     goal = h.slices(users, cut, cut + 1)
     targets, now = torch.as_tensor(np.concatenate(goal.items)), np.concatenate(goal.timestamps)
-    negatives = torch.as_tensor(_negatives(rng, [h.items[u] for u in users], ranker.num_items,
-                                           num_negatives))
-    sampled, full = [], []
+    interacted = [h.items[u] for u in users]
+    negatives = torch.as_tensor(_negatives(rng, interacted, ranker.num_items, num_negatives))
+    interacted = pad_sequence([torch.as_tensor(x) for x in interacted], batch_first=True)  # (U, M)
+    sampled, full, unseen = [], [], []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, f"leave-one-out {target}", goal.request_contexts()):
         candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
         scores = ranker.candidate_scores(batch, candidates)
         sampled.append((scores[:, 1:] >= scores[:, :1]).sum(1))
         full.append(ranker.target_ranks(batch, targets[rows]))
+        unseen.append(ranker.target_ranks(batch, targets[rows], exclude=interacted[rows]))
     return {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"),
             **rank_metrics(torch.cat(full), ks, prefix="full_"),
+            **rank_metrics(torch.cat(unseen), ks, prefix="full_unseen_"),
             "count": float(len(users))}
 
 

@@ -81,15 +81,25 @@ class PopularityRanker:
             out = candidates.gather(1, keep_first).masked_fill(excluded.gather(1, keep_first), 0)
         return torch.nn.functional.pad(out, (0, k - out.shape[1]))
 
-    def target_ranks(self, batch: SequenceBatch, targets: torch.Tensor) -> torch.Tensor:
-        """targets (B,) ids >= 1 -> (B,) int64 #{j != target : count_j >= count_target}."""
+    def target_ranks(self, batch: SequenceBatch, targets: torch.Tensor,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """targets (B,) ids >= 1 -> (B,) int64 #{j != target, j not in exclude : count_j >=
+        count_target}; `exclude` (B, M) ids (0 = none), repeats counted once."""
         counts = self._fitted()
         targets = targets.cpu()
         if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) > self.num_items):
             raise ValueError(f"PopularityRanker.target_ranks: targets must be in "
                              f"1..{self.num_items}")
-        at_least = self.num_items - torch.searchsorted(self._sorted, counts[targets], right=False)
-        return at_least - 1
+        target_counts = counts[targets]
+        ranks = self.num_items - torch.searchsorted(self._sorted, target_counts, right=False) - 1
+        if exclude is not None:
+            excluded = exclude.cpu().sort(1).values                          # (B, M)
+            first = torch.ones_like(excluded, dtype=torch.bool)
+            first[:, 1:] = excluded[:, 1:] != excluded[:, :-1]
+            competing = (first & (excluded > 0) & (excluded != targets.unsqueeze(1))
+                         & (counts[excluded] >= target_counts.unsqueeze(1)))
+            ranks -= competing.sum(1)
+        return ranks
 
     def candidate_scores(self, batch: SequenceBatch, candidates: torch.Tensor) -> torch.Tensor:
         """candidates (B, C) ids -> (B, C) float64 counts (exact; padding 0 scores -inf)."""

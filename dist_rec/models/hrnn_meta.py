@@ -194,9 +194,11 @@ class MetaScorer:
         return self.tables.topk(hidden, k, chunk_rows, exclude, row_view=self.mix)
 
     def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144) -> torch.Tensor:
+                     chunk_rows: int = 262_144, exclude: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """hidden (N, D), targets (N,) -> (N,) 0-based ranks over the mixed rows; as the tables'."""
-        return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.mix)
+        return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.mix,
+                                        exclude=exclude)
 
 
 def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:

@@ -164,7 +164,9 @@ def _worker(rank: int, world: int, directory: str) -> None:
         results["meta"][name] = {
             "losses": losses, "encoder": model.encoder.module.state_dict(),
             "topk": model.scorer.topk(hidden, 10, chunk_rows=7, exclude=exclude),
-            "ranks": model.scorer.target_ranks(hidden, targets, chunk_rows=7)}
+            "ranks": model.scorer.target_ranks(hidden, targets, chunk_rows=7),
+            "ranks_excluding": model.scorer.target_ranks(hidden, targets, chunk_rows=7,
+                                                         exclude=exclude)}
 
     tables = ShardedItemTables.from_full(lookup_tables())
     loss = lookup_loss(tables, *lookup_inputs(rank, world))
@@ -180,6 +182,7 @@ def _worker(rank: int, world: int, directory: str) -> None:
     results["topk"] = {k: tables.topk(hidden, k, chunk_rows=7, exclude=exclude) for k in (5, K_LARGE)}
     results["topk_no_exclude"] = tables.topk(hidden, K_LARGE, chunk_rows=7)
     results["ranks"] = tables.target_ranks(hidden, targets, chunk_rows=7)
+    results["ranks_excluding"] = tables.target_ranks(hidden, targets, chunk_rows=7, exclude=exclude)
     with torch.no_grad():  # score of item i = i % 3: a third of the catalog ties at each level
         tables.output.weight.zero_()
         tables.bias.weight.copy_(torch.tensor([[i % 3.0] for i in range(rank, NUM_ITEMS + 1, world)]))
@@ -243,6 +246,8 @@ def test_hrnn_meta_trains_and_ranks_as_unsharded(ranks, name):
         torch.testing.assert_close(shard["topk"][0], scores, rtol=1e-5, atol=1e-5)
         assert not set(items[0].tolist()) & {7, 44}
         assert torch.equal(shard["ranks"], model.scorer.target_ranks(hidden, targets))
+        assert torch.equal(shard["ranks_excluding"],
+                           model.scorer.target_ranks(hidden, targets, exclude=exclude))
         cold_listed |= bool((items >= 40).any())
     assert cold_listed                              # cold items, scored by their category, rank
     assert not torch.equal(model.encoder.feature_rows.weight, build_meta().encoder.feature_rows.weight)
@@ -288,6 +293,9 @@ def test_topk_and_target_ranks_equal_unsharded(ranks):
         torch.testing.assert_close(result["topk_no_exclude"][0], expected_scores)
         assert not set(result["topk"][K_LARGE][1][0].tolist()) & {1, 2, 3, 4}
         assert torch.equal(result["ranks"], tables.target_ranks(hidden, targets))
+        assert torch.equal(result["ranks_excluding"],
+                           tables.target_ranks(hidden, targets, exclude=exclude))
+    assert any(not torch.equal(result["ranks_excluding"], result["ranks"]) for result in ranks)
 
 
 def test_equal_scores_rank_by_item_id(ranks):

@@ -46,9 +46,11 @@ class Successor:
     def topk(self, batch, k, exclude=None):
         return self._scores(batch).topk(k, dim=1).indices
 
-    def target_ranks(self, batch, targets):
+    def target_ranks(self, batch, targets, exclude=None):
         scores = self._scores(batch)
         mine = scores.gather(1, targets[:, None])
+        if exclude is not None:   # excluded items score -inf, the target keeps its score
+            scores = scores.scatter(1, exclude, -math.inf).scatter(1, targets[:, None], mine)
         return (scores >= mine).sum(1) - 1
 
     def candidate_scores(self, batch, candidates):
@@ -157,6 +159,18 @@ def test_leave_one_out_by_hand(now_spy):
     assert 0 < sixes < 100
     assert out["sampled_hr@1"] == 0.5
     assert out["sampled_mrr@10"] == pytest.approx((1 + (1 / (sixes + 1) if sixes < 10 else 0)) / 2)
+
+
+def test_leave_one_out_full_ranking_over_unseen_items():
+    ranker = Successor()
+    out = user_leave_one_out(ranker, [[3, 1, 5, 4]], ks=[3, 101], progress=False)
+    # [3, 1, 5] -> 4: after 5 the order is 6, 1, 2, 3, 4, so rank 4 over the catalog; without the
+    # user's own 3, 1 and 5 only 6 and 2 compete: rank 2.
+    assert out["full_hr@3"] == 0.0
+    assert out["full_unseen_hr@3"] == 1.0
+    assert out["full_unseen_ndcg@3"] == pytest.approx(1 / math.log2(4))
+    # The 100 sampled negatives come from the same unseen items, 2 and 6, and all beat 4.
+    assert out["sampled_mrr@101"] == pytest.approx(1 / 101)
 
 
 def test_leave_one_out_valid_target():
@@ -331,6 +345,11 @@ def test_model_ranker_matches_brute_force():
     targets = torch.tensor([4, 1, 6])
     expected = (scores >= scores.gather(1, targets[:, None] - 1)).sum(1) - 1
     assert torch.equal(ranker.target_ranks(batch, targets), expected)
+    exclude = torch.tensor([[1, 2, 4], [3, 0, 0], [6, 5, 5]])     # rows 0 and 2 list the target
+    kept = torch.ones(3, 7, dtype=torch.bool).scatter(1, exclude, False)[:, 1:]
+    kept[torch.arange(3), targets - 1] = True                       # the target always counts
+    expected = ((scores >= scores.gather(1, targets[:, None] - 1)) & kept).sum(1) - 1
+    assert torch.equal(ranker.target_ranks(batch, targets, exclude), expected)
     assert torch.equal(ranker.topk(batch, 3), scores.topk(3, dim=1).indices + 1)
     excluded = ranker.topk(batch, 3, exclude=torch.tensor([[1, 2], [3, 0], [0, 0]]))
     assert not (excluded[0, :, None] == torch.tensor([1, 2])).any() and 3 not in excluded[1]

@@ -39,6 +39,16 @@ def test_target_ranks_count_ties_against_the_target():
     assert ranker.target_ranks(batch_of(6), targets).tolist() == [0, 2, 2, 3, 5, 5]
 
 
+def test_target_ranks_skip_excluded_items_once_each():
+    ranker = most_pop(6).fit(np.array(EVENTS))
+    targets = torch.tensor([4, 4, 1, 2])
+    # Item 4 (count 0) loses to all five others; excluding 3 and 5 (5 listed twice; padding 0 and
+    # the target itself ignored) leaves 1, 2 and 6: rank 3. Item 1 loses to 3 and ties with 5:
+    # excluding 5 leaves 3 alone. Item 2 loses to 3, 1, 5: excluding 6 changes nothing.
+    exclude = torch.tensor([[3, 5, 5, 0, 4], [0, 0, 0, 0, 0], [5, 4, 1, 0, 0], [6, 0, 0, 0, 0]])
+    assert ranker.target_ranks(batch_of(4), targets, exclude).tolist() == [3, 5, 1, 3]
+
+
 def test_exclude_skips_items_and_pads_when_the_catalog_runs_out():
     ranker = most_pop(6).fit(torch.tensor(EVENTS))
     exclude = torch.tensor([[3, 0, 0], [1, 5, 0], [1, 2, 3]])
