@@ -296,16 +296,10 @@ class ShardedItemTables(nn.Module):
         target_weight, target_bias = weight[local[ours]], bias[local[ours]]
         if row_view is not None:
             target_weight, target_bias = row_view(targets[ours], target_weight, target_bias)
-        own_scores, own_slack = reference_scores(everything[ours], target_weight, target_bias,
-                                                 precise=row_view is not None)
-        target_scores = everything.new_zeros(targets.shape, dtype=own_scores.dtype)
-        target_scores[ours] = own_scores
-        group.all_reduce(target_scores)
-        slack = None
-        if own_slack is not None:
-            slack = target_scores.new_zeros(targets.shape)
-            slack[ours] = own_slack
-            group.all_reduce(slack)
+        reference = everything.new_zeros(2, len(targets), dtype=torch.float64)  # scores, slack
+        reference[:, ours] = torch.stack(reference_scores(everything[ours], target_weight,
+                                                          target_bias))
+        target_scores, slack = group.all_reduce(reference)
         ranks = torch.zeros_like(targets)
         for start, stop in self._chunks(chunk_rows):
             above = at_or_above(everything, *self._scoring_rows(start, stop, row_view),

@@ -1,6 +1,6 @@
-"""ItemTables' full-catalog ranking through a row view whose rows repeat (HRNN-meta's cold items
-of one category): bit-identical rows tie with the target and top-k lists them by item id,
-whatever the batch and the chunks."""
+"""ItemTables' full-catalog ranking where rows repeat, in the tables themselves or through a row
+view (HRNN-meta's cold items of one category): bit-identical rows tie with the target and top-k
+lists them by item id, whatever the batch and the chunks."""
 from __future__ import annotations
 
 import torch
@@ -48,3 +48,20 @@ def test_identical_rows_are_listed_by_item_id_in_any_batch_and_chunking():
     for row in reference[:4]:
         twins = row[row >= TWINS.start]
         assert len(twins) == len(TWINS) and torch.equal(twins, torch.arange(12, 31))
+
+
+def test_a_twin_of_the_target_row_counts_against_it_on_plain_tables():
+    """Without a row view too: a matmul over the catalog and the target's row-wise score round
+    apart by an ulp in ~40% of float32 queries at this width, which an exact comparison missed."""
+    torch.manual_seed(0)
+    tables = ItemTables(2000, 128, 128)
+    with torch.no_grad():
+        tables.output.weight[1001] = tables.output.weight[1]
+        tables.bias.weight[1001] = tables.bias.weight[1]
+    hidden = torch.randn(512, 128)
+    targets = torch.ones(512, dtype=torch.int64)
+    weight, bias = tables.output_weight()
+    scores = hidden.double() @ weight[1:].double().T + bias[1:].double()
+    expected = (scores >= scores[:, :1]).sum(1) - 1               # the twin is exactly equal
+    assert torch.equal(tables.target_ranks(hidden, targets), expected)
+    assert torch.equal(tables.target_ranks(hidden, targets, chunk_rows=333), expected)
