@@ -15,14 +15,17 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
-from dist_rec.models.base import Dimensions, register
+from dist_rec.models.base import Dimensions, read_options, register
 
 
 @register("hrnn")
 class HRNN(nn.Module):
     def __init__(self, config: ModelConfig, dims: Dimensions, extra_input_dim: int = 0):
-        """extra_input_dim: width of the inputs a subclass appends in `inputs()`."""
+        """extra_input_dim: width of the inputs a subclass appends in `inputs()` (a subclass
+        reads `config.options` itself)."""
         super().__init__()
+        if type(self) is HRNN:
+            read_options(config, {})          # HRNN has no options: any key is a typo
         self.delta_embedding = nn.Embedding(dims.num_delta_buckets, config.delta_embedding_dim,
                                             padding_idx=0)
         self.type_embedding = nn.Embedding(dims.num_event_types + 1, config.type_embedding_dim,

@@ -221,6 +221,9 @@ def test_bad_options_name_the_field():
         build("user_gru", {"integration": "attentional", "user_dim": 5})
     with pytest.raises(ValueError, match="unknown key.*'hidden_dropuot'"):
         build("gru4rec", {"hidden_dropuot": 0.1})
+    with pytest.raises(ValueError, match=r"'hrnn': unknown key\(s\) \['dropuot'\]; known: \[\]"):
+        build("hrnn", {"dropuot": 0.1})                           # HRNN has no options at all
+    build("hrnn_meta", {"feature_dim": 4})                        # its subclass reads its own
     with pytest.raises(ValueError, match="num_layers"):
         build("user_gru", {}, num_layers=2)
     with pytest.raises(ValueError, match="omega"):
