@@ -75,7 +75,7 @@ class ModelRanker:
         self.model = model
         self.device = next(model.parameters()).device
         self.num_items = model.tables.num_items
-        self.rows_per_call = rows_per_call  # bounds the (rows, catalog chunk) score buffer
+        self.rows_per_call = rows_per_call  # step_ranks: positions ranked per call (score buffer rows)
 
     def _last_hidden(self, batch: SequenceBatch) -> torch.Tensor:
         return self.model.hidden(batch.to(self.device))[:, -1]            # (B, D)
@@ -166,7 +166,8 @@ def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequen
     """Last item of each session, full ranking (DynamicRec, CIKM 2020).
 
     Rules: per session with 2+ items, input = all items but the last, keeping the last
-    `max_length` (30) right-aligned; target = the last item; the target is ranked among ALL items,
+    `max_length` right-aligned (the paper: 10 on YooChoose and Diginetica, 30 on LastFM and
+    NowPlaying); target = the last item; the target is ranked among ALL items,
     items seen in the session are NOT excluded, ties count against the target. Sessions carry no
     time: timestamps and `now` are 0, event types 1. Returns hr@k, ndcg@k (1/log2(rank+2)),
     mrr@k for every k, averaged over sessions, and count.
@@ -381,6 +382,8 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).
     All averaged over users; count = users. `ks`: more cutoffs (<= k) reported from the same list.
     """
+    if any(c > k for c in ks):
+        raise ValueError(f"tdm_first_half: every cutoff in ks={list(ks)} must be <= k={k}")
     h = as_histories(histories)
     users = _sample_rows(np.flatnonzero(h.lengths() >= min_events), num_users,
                          np.random.default_rng(seed))

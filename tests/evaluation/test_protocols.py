@@ -242,6 +242,8 @@ def test_tdm_first_half_by_hand(now_spy):
     assert real_inputs(ranker.batches[0]) == [[1, 2, 3, 4, 5], [2, 2, 2, 2, 1]]
     assert now_spy == [150, 1005]                         # first ground-truth timestamps
     assert ranker.batches[0].event_types[1, -1] == 2
+    with pytest.raises(ValueError, match=r"ks=\[2, 5\] must be <= k=3"):
+        tdm_first_half(ranker, tdm_histories(), k=3, ks=(2, 5), progress=False)
 
 
 def test_tdm_first_half_from_table_truncated_and_sampled():
