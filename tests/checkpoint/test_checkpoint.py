@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dist_rec.checkpoint import (commit, gather_full_table, latest_checkpoint, list_checkpoints,
-                                 load_checkpoint, prune, read_checkpoint_file, read_manifest,
-                                 restore_rng_state, rng_state, save_checkpoint, write_rank_files)
+from dist_rec.checkpoint import (check_checkpoint, commit, gather_full_table, latest_checkpoint,
+                                 list_checkpoints, load_checkpoint, prune, read_checkpoint_file,
+                                 read_manifest, restore_rng_state, rng_state, save_checkpoint,
+                                 write_rank_files)
 from dist_rec.checkpoint.reshard import contributing_ranks, reshard
 from dist_rec.config import JobConfig, StorageConfig
 
@@ -159,15 +160,19 @@ def test_corrupt_checkpoint_is_skipped(storage):
     first = write(storage, 1, tables, 2)
     second = write(storage, 2, full_tables(seed=1), 2)
     assert latest_checkpoint(storage, RUN) == second
+    assert check_checkpoint(storage, second) is None
     flip_byte(os.path.join(second, "tables-rank1-of-2.pt"))
     assert list_checkpoints(storage, RUN) == [second, first]  # sizes still match
     assert latest_checkpoint(storage, RUN) == first
+    assert "tables-rank1-of-2.pt: sha256 differs" in check_checkpoint(storage, second)
+    assert check_checkpoint(storage, second, verify=False) is None   # the cheap check: sizes only
     with pytest.raises(ValueError, match="tables-rank1-of-2.pt: sha256 differs"):
         load_checkpoint(storage, second, 1, 2)
     # a truncated file is caught by the cheap size check too
     with open(os.path.join(second, "tables-rank0-of-2.pt"), "r+b") as f:
         f.truncate(100)
     assert list_checkpoints(storage, RUN) == [first]
+    assert "tables-rank0-of-2.pt" in check_checkpoint(storage, second, verify=False)
     assert torch.equal(gather_full_table(storage, latest_checkpoint(storage, RUN))["input"], tables["input"])
 
 
