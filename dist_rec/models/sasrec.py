@@ -9,8 +9,9 @@ Attention is softmax(Q K^T / sqrt(D/H)) V with Q, K, V = LN(x) W^{Q,K,V}, heads 
 output projection (paper eq. 2). The paper ties input and output item vectors: use
 `recommended_config()` (tied_embeddings=True); the encoder works untied too.
 
-This file also holds the pieces the other sequence models share: `read_options` and the
-SASRec-style embedding layer `SequenceInput` (ConvRec reuses it, as its paper does).
+This file also holds the pieces the convolutional models share: the SASRec-style embedding layer
+`SequenceInput` (ConvRec reuses it, as its paper does; DynamicRec without positions) and
+`feed_forward`.
 """
 from __future__ import annotations
 
