@@ -65,6 +65,7 @@ class SamplerConfig:
     num_negatives: int = 2048            # K shared negatives per batch
     alpha: float = 0.75                  # q ∝ count^alpha; 0 = uniform
     in_batch_negatives: bool = False
+    bpr_regularization: float = 1.0      # BPR-max's score regulariser lambda (GRU4Rec's default)
     event_weights: dict[str, float] = field(default_factory=dict)  # e.g. {"buy": 1.0, "pv": 0.5}
 
 

@@ -181,18 +181,15 @@ class SampledLoss:
         return torch.logaddexp(sampled, self.log_data_q[items] + math.log(batch_size - 1))
 
 
-def build_loss(config: SamplerConfig, item_counts: np.ndarray | torch.Tensor,
-               regularization: float = 1.0) -> FullSoftmax | SampledLoss:
-    """The loss named by config.loss; item_counts (C,) drive the sampler (q ∝ count^alpha).
-
-    `regularization` is BPR-max's lambda (GRU4Rec's default 1.0).
-    """
+def build_loss(config: SamplerConfig, item_counts: np.ndarray | torch.Tensor
+               ) -> FullSoftmax | SampledLoss:
+    """The loss named by config.loss; item_counts (C,) drive the sampler (q ∝ count^alpha)."""
     if config.loss == "full_softmax":
         return FullSoftmax()
     if config.loss not in LOSSES:
         raise ValueError(f"SamplerConfig.loss: unknown loss {config.loss!r}; known {LOSSES}")
     return SampledLoss(config.loss, item_counts, config.num_negatives, config.alpha,
-                       config.in_batch_negatives, regularization)
+                       config.in_batch_negatives, config.bpr_regularization)
 
 
 def event_weights(type_codes: torch.Tensor, event_types: tuple[str, ...],

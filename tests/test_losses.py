@@ -335,6 +335,12 @@ def test_build_loss_and_shared_negatives():
         first = loss(hidden, targets, tables, None, torch.Generator().manual_seed(9))
         again = loss(hidden, targets, tables, None, torch.Generator().manual_seed(9))
         assert torch.isfinite(first) and torch.equal(first, again)  # same seed, same negatives
+    # BPR-max's lambda comes from the config: a stronger regulariser, a larger loss.
+    plain, regularized = (build_loss(SamplerConfig(loss="bpr_max", num_negatives=8,
+                                                   bpr_regularization=lam), counts)
+                          (hidden, targets, tables, None, torch.Generator().manual_seed(9))
+                          for lam in (0.0, 2.0))
+    assert regularized > plain
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         build_loss(SamplerConfig(loss="hinge"), counts)
     with pytest.raises(ValueError, match="num_negatives must be >= 1"):
