@@ -1,9 +1,13 @@
-"""benchmarks/ranking.py --quick: both calls, both paths, and its docs section rendered."""
+"""benchmarks/ranking.py --quick: both calls, both precisions, and its docs section rendered."""
 import functools
 import importlib.util
 import json
 import sys
 from pathlib import Path
+
+import torch
+
+from dist_rec.embeddings.table import ItemTables
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))          # the scripts import their siblings (common, ...)
@@ -25,3 +29,14 @@ def test_quick_run_renders_its_section(tmp_path, monkeypatch, capsys):
     text = docs.read_text()
     assert "<!-- ranking:start -->" in text and "| 2,000 | topk |" in text
     assert "| 2,000 | target_ranks |" in text
+
+
+def test_float32_baseline_ranks_as_target_ranks_without_twins():
+    """The benchmark compares like with like: on distinct random rows the bare float32 count
+    gives target_ranks' answer, chunked or not."""
+    torch.manual_seed(0)
+    tables = ItemTables(3000, 16, 16)
+    hidden, targets = torch.randn(64, 16), torch.randint(1, 3001, (64,))
+    expected = tables.target_ranks(hidden, targets)
+    assert torch.equal(ranking.float32_ranks(tables, hidden, targets), expected)
+    assert torch.equal(ranking.float32_ranks(tables, hidden, targets, chunk_rows=700), expected)
