@@ -28,7 +28,7 @@ from dist_rec.losses import build_loss, event_weights
 from dist_rec.models import build_model
 from dist_rec.storage import pyarrow_filesystem
 from dist_rec.train import state
-from dist_rec.train.step import Optimizers, train_step
+from dist_rec.train.step import Optimizers, seed_epoch, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(position["epoch"], config.train.epochs):
         started, events, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         model.train()
+        seed_epoch(config.train.seed, epoch, rank)
         for batch in iterate_batches(shard, config.train.batch_size, config.train.seed, epoch):
             batch = batch.to(device, non_blocking=True)
             loss_sum += train_step(model, batch, loss_fn, optimizers, generator, weights,

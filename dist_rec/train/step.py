@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dist_rec.batch import SequenceBatch
@@ -27,6 +28,17 @@ class Optimizers:
     def step(self) -> None:
         self.dense.step()
         self.sparse.step()
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's global generator for one epoch on one rank.
+
+    Dropout masks and HRNN-meta's per-step lambda draw from the global generator, which no
+    checkpoint holds; seeding it from (seed, epoch, rank) at each epoch start makes a run resumed
+    at an epoch boundary draw what the uninterrupted run drew, and gives each rank its own masks.
+    """
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]
+    torch.manual_seed(int(mixed))
 
 
 def train_step(model: NextItemModel, batch: SequenceBatch, loss_fn, optimizers: Optimizers,

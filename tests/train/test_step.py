@@ -1,4 +1,5 @@
-"""train_step with the real loss stack: HRNN learns a planted pattern; resumed == uninterrupted."""
+"""train_step with the real loss stack: HRNN learns a planted pattern; resumed == uninterrupted,
+dropout included."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,7 @@ from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model
 from dist_rec.models.baselines import most_pop
 from dist_rec.train import state
-from dist_rec.train.step import Optimizers, train_step
+from dist_rec.train.step import Optimizers, seed_epoch, train_step
 
 NUM_ITEMS = 300
 DIMS = Dimensions(num_items=NUM_ITEMS, num_users=64, num_delta_buckets=16, num_event_types=4)
@@ -38,9 +39,9 @@ def planted_batch(rng: np.random.Generator, rows: int = 64, steps: int = 12) -> 
         "target_types": ones, "users": rng.integers(1, 65, rows)})
 
 
-def parts(seed: int, loss: str = "sampled_softmax", negatives: int = 64):
+def parts(seed: int, loss: str = "sampled_softmax", negatives: int = 64, dropout: float = 0.0):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="hrnn", embedding_dim=32, hidden_dim=32,
+    model = build_model(ModelConfig(name="hrnn", embedding_dim=32, hidden_dim=32, dropout=dropout,
                                     delta_embedding_dim=4, type_embedding_dim=4), DIMS)
     counts = np.r_[0, np.ones(NUM_ITEMS, np.int64)]
     loss_fn = build_loss(SamplerConfig(loss=loss, num_negatives=negatives), counts)
@@ -69,29 +70,42 @@ def test_hrnn_learns_planted_pattern_with_sampled_softmax():
 
 @pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
 def test_resumed_equals_uninterrupted(tmp_path, loss):
+    """Two epochs of 3 batches with dropout, as train/loop.py runs them (seed_epoch at each epoch
+    start); the stopped run checkpoints after epoch 0 and a fresh model restores it."""
     batches = [planted_batch(np.random.default_rng(10 + i), rows=16) for i in range(6)]
+    epochs = {0: batches[:3], 1: batches[3:]}
     config = JobConfig().replace(storage={"uri": str(tmp_path)}, run_name="resume")
 
-    model, loss_fn, optimizers, generator = parts(seed=3, loss=loss)
-    straight = [train_step(model, b, loss_fn, optimizers, generator) for b in batches]
+    def train_epoch(model, loss_fn, optimizers, generator, epoch, reseed=True):
+        if reseed:
+            seed_epoch(3, epoch, rank=0)
+        return [train_step(model, b, loss_fn, optimizers, generator) for b in epochs[epoch]]
 
-    first, loss_fn, first_optimizers, first_generator = parts(seed=3, loss=loss)
-    before = [train_step(first, b, loss_fn, first_optimizers, first_generator) for b in batches[:3]]
+    model, loss_fn, optimizers, generator = parts(seed=3, loss=loss, dropout=0.3)
+    straight = [x for epoch in (0, 1) for x in train_epoch(model, loss_fn, optimizers, generator, epoch)]
+
+    first, loss_fn, first_optimizers, first_generator = parts(seed=3, loss=loss, dropout=0.3)
+    before = train_epoch(first, loss_fn, first_optimizers, first_generator, 0)
     counts = np.r_[0, np.arange(1, NUM_ITEMS + 1)]
-    path = state.save(config, 3, 0, first.encoder, first.tables, first_optimizers,
+    path = state.save(config, 3, 1, first.encoder, first.tables, first_optimizers,
                       first_generator, rank=0, world_size=1, vocab_hash="v", barrier=lambda: None,
                       item_counts=counts)
-    resumed, loss_fn, resumed_optimizers, resumed_generator = parts(seed=99, loss=loss)
-    position = state.restore(config, path, resumed.encoder, resumed.tables, resumed_optimizers,
-                             resumed_generator, vocab_hash="v")
-    after = [train_step(resumed, b, loss_fn, resumed_optimizers, resumed_generator)
-             for b in batches[3:]]
 
-    assert (position["step"], position["epoch"]) == (3, 0)
+    def resume(reseed: bool):
+        resumed, loss_fn, optimizers, generator = parts(seed=99, loss=loss, dropout=0.3)
+        position = state.restore(config, path, resumed.encoder, resumed.tables, optimizers,
+                                 generator, vocab_hash="v")
+        return resumed, position, train_epoch(resumed, loss_fn, optimizers, generator, 1, reseed)
+
+    resumed, position, after = resume(reseed=True)
+    assert (position["step"], position["epoch"]) == (3, 1)
     assert np.array_equal(position["item_counts"].numpy(), counts)
     assert before + after == straight
     for (name, expected), actual in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(expected, actual), name
+    # The dropout masks come from the global generator, which no checkpoint holds: without the
+    # epoch's reseed the resumed run draws other masks and ends elsewhere.
+    assert before + resume(reseed=False)[2] != straight
 
 
 def test_restore_refuses_another_vocabulary(tmp_path):
