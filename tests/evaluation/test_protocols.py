@@ -173,6 +173,15 @@ def test_leave_one_out_full_ranking_over_unseen_items():
     assert out["sampled_mrr@101"] == pytest.approx(1 / 101)
 
 
+def test_leave_one_out_sampled_only_skips_the_catalog():
+    everything = user_leave_one_out(Successor(), histories_for_loo(), ks=[1, 10], progress=False)
+    ranker = Successor()
+    sampled = user_leave_one_out(ranker, histories_for_loo(), ks=[1, 10], progress=False,
+                                 full_ranking=False)
+    assert sampled == {k: v for k, v in everything.items() if not k.startswith("full_")}
+    assert len(ranker.batches) == len(ranker.candidates) == 1      # candidate_scores only
+
+
 def test_leave_one_out_valid_target():
     ranker = Successor()
     out = user_leave_one_out(ranker, histories_for_loo(), ks=[1], target="valid", progress=False)
