@@ -122,22 +122,27 @@ def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) 
 
 def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_config: DataConfig,
              batch_size: int, progress: bool, desc: str, now_contexts: np.ndarray | None = None
-             ) -> Iterator[tuple[slice, SequenceBatch]]:
-    """(rows, batch) over `inputs`: each user's last `max_length` events (None: all),
-    right-aligned; now (U,) is the prediction time of each row's last position and now_contexts
-    (U,) its request context (when the histories carry contexts)."""
-    optional = lambda lists, rows: None if lists is None else lists[rows]  # noqa: E731
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress):
-        rows = slice(start, start + batch_size)
-        width = max(map(len, inputs.items[rows]))
+             ) -> Iterator[tuple[np.ndarray, SequenceBatch]]:
+    """(rows, batch) over `inputs`: rows (B,) are indices into `inputs`, the batch holds each of
+    those users' last `max_length` events (None: all), right-aligned; now (U,) is the prediction
+    time of each row's last position and now_contexts (U,) its request context (when the
+    histories carry contexts). Users go in order of history length, so a batch pads only to
+    its own longest row (every encoder is padding-invariant, tested): on Amazon's histories
+    (mean 9 events, cut at 50) a batch of 256 random users is 50 wide almost always."""
+    lengths = inputs.lengths()
+    order = np.argsort(lengths, kind="stable")
+    pick = lambda lists, rows: None if lists is None else [lists[r] for r in rows]  # noqa: E731
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        rows = order[start:start + batch_size]
+        width = int(lengths[rows].max())
         width = width if max_length is None else min(width, max_length)
         # Whole histories go in: history_batch keeps the last `width` events itself and sees
         # the predecessor of the first kept one (its session-start bit).
-        yield rows, history_batch(inputs.items[rows], inputs.timestamps[rows],
-                                  inputs.event_types[rows], now[rows], data_config, width,
-                                  users=inputs.users[rows], values=optional(inputs.values, rows),
-                                  contexts=optional(inputs.contexts, rows),
-                                  now_contexts=optional(now_contexts, rows))
+        yield rows, history_batch(pick(inputs.items, rows), pick(inputs.timestamps, rows),
+                                  pick(inputs.event_types, rows), now[rows], data_config, width,
+                                  users=inputs.users[rows], values=pick(inputs.values, rows),
+                                  contexts=pick(inputs.contexts, rows),
+                                  now_contexts=None if now_contexts is None else now_contexts[rows])
 
 
 def _sessions(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -347,7 +352,7 @@ def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: 
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, desc, truth.request_contexts()):
         top = ranker.topk(batch, k)                                            # (B, k)
-        expected = pad_sequence([torch.as_tensor(x) for x in truth.items[rows]],
+        expected = pad_sequence([torch.as_tensor(truth.items[r]) for r in rows],
                                 batch_first=True)                              # (B, M)
         for c in cutoffs:
             p, r = multi_target_precision_recall(top[:, :c], expected)

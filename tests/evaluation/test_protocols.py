@@ -95,7 +95,9 @@ def test_session_last_item_by_hand():
     assert out["hr@5"] == pytest.approx(1.0)
     assert out["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
     assert out["mrr@5"] == pytest.approx((1 + 1 / 5 + 1 / 3) / 3)
-    assert [real_inputs(b) for b in ranker.batches] == [[[1, 2], [5]], [[2, 6]]]
+    # Batches take the inputs shortest first (stable), each as wide as its longest row.
+    assert [real_inputs(b) for b in ranker.batches] == [[[5], [1, 2]], [[2, 6]]]
+    assert [b.items.shape[1] for b in ranker.batches] == [2, 2]
 
 
 def test_session_last_item_truncates_to_last_30_and_keeps_seen_items():
@@ -141,21 +143,22 @@ def test_leave_one_out_by_hand(now_spy):
     ranker = Successor()
     out = user_leave_one_out(ranker, histories_for_loo(), ks=[1, 10], num_negatives=100,
                              progress=False)
-    # user 11: [1,2,3] -> 4, rank 0; user 13: [2,5] -> 1, rank 1 (6 scores best after 5)
-    assert real_inputs(ranker.batches[0]) == [[1, 2, 3], [2, 5]]
-    assert ranker.batches[0].users.tolist() == [11, 13]
-    assert now_spy == [40, 9]
+    # user 11: [1,2,3] -> 4, rank 0; user 13: [2,5] -> 1, rank 1 (6 scores best after 5).
+    # The batch takes the users shortest input first.
+    assert real_inputs(ranker.batches[0]) == [[2, 5], [1, 2, 3]]
+    assert ranker.batches[0].users.tolist() == [13, 11]
+    assert now_spy == [9, 40]
     assert out["count"] == 2
     assert out["full_hr@1"] == 0.5
     assert out["full_ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
     candidates = ranker.candidates[0]
     assert candidates.shape == (2, 101)
-    assert candidates[:, 0].tolist() == [4, 1]
-    # Negatives come only from items the user never touched: {5, 6} and {3, 4, 6}.
-    assert set(candidates[0, 1:].tolist()) <= {5, 6}
-    assert set(candidates[1, 1:].tolist()) <= {3, 4, 6}
+    assert candidates[:, 0].tolist() == [1, 4]
+    # Negatives come only from items the user never touched: {3, 4, 6} and {5, 6}.
+    assert set(candidates[0, 1:].tolist()) <= {3, 4, 6}
+    assert set(candidates[1, 1:].tolist()) <= {5, 6}
     # User 13's target is beaten by exactly the negatives equal to 6; user 11's by none.
-    sixes = int((candidates[1, 1:] == 6).sum())
+    sixes = int((candidates[0, 1:] == 6).sum())
     assert 0 < sixes < 100
     assert out["sampled_hr@1"] == 0.5
     assert out["sampled_mrr@10"] == pytest.approx((1 + (1 / (sixes + 1) if sixes < 10 else 0)) / 2)
@@ -186,9 +189,9 @@ def test_leave_one_out_valid_target():
     ranker = Successor()
     out = user_leave_one_out(ranker, histories_for_loo(), ks=[1], target="valid", progress=False)
     # user 11: [1,2] -> 3, rank 0; user 13: [2] -> 5, rank (5-2-1) % 6 = 2
-    assert real_inputs(ranker.batches[0]) == [[1, 2], [2]]
+    assert real_inputs(ranker.batches[0]) == [[2], [1, 2]]          # shortest first
     assert out["full_hr@1"] == 0.5
-    assert set(ranker.candidates[0][1, 1:].tolist()) <= {3, 4, 6}   # 5 is held out, not negative
+    assert set(ranker.candidates[0][0, 1:].tolist()) <= {3, 4, 6}   # 5 is held out, not negative
 
 
 def test_leave_one_out_negatives_uniform_seeded_and_batch_free():
