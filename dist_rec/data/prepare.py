@@ -16,7 +16,8 @@ Layout of a prepared directory (local or s3://):
 
 Test users (the TDM protocol: users with 10+ events, drawn at random) are held out of training
 entirely; the vocabulary and the item counts come from the training users only, so an item that
-only a test user touched is unknown (a miss for every model alike), never an untrained row.
+only a test user touched is unknown: its events stay in the test histories as
+vocab.UNKNOWN_ITEM, a miss for every model alike, never an untrained row.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import io
 import json
 import logging
 import posixpath
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,10 +125,34 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
 
 def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
             storage_options: dict[str, Any] | None = None) -> PreparedData:
-    """Read, validate, split off test users, build vocabulary and windows, write them all."""
+    """Read, validate, split off test users, build vocabulary and windows, write them all.
+
+    Everything is written to a staging directory beside `out_uri` and replaces the previous
+    preparation only once complete: a run that fails (a bad file in strict mode, a storage
+    error) leaves the previous one as it was.
+    """
+    out = out_uri.rstrip("/")
+    events_uri = config.events_uri.rstrip("/")
+    if events_uri == out or events_uri.startswith(out + "/"):
+        raise ValueError(f"prepare: the events ({config.events_uri}) lie inside the output "
+                         f"directory {out_uri}, which a preparation replaces")
+    fs, root = filesystem(out, storage_options)
+    staging = f"{out}.staging-{uuid.uuid4().hex[:12]}"
+    _, staging_root = filesystem(staging, storage_options)
+    try:
+        _prepare_into(staging, config, test_users, seed, storage_options)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
+        fs.mv(staging_root, root, recursive=True)
+    finally:
+        if fs.exists(staging_root):
+            fs.rm(staging_root, recursive=True)
+    return PreparedData.load(out_uri, storage_options)
+
+
+def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
+                  storage_options: dict[str, Any] | None) -> None:
     fs, root = filesystem(out_uri, storage_options)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
     events = read_any_events(config, storage_options, posixpath.join(out_uri, "quarantine.csv"))
     held_out = pc.is_in(events["user_id"], _draw_test_users(events, test_users, seed))
     train_events, test_events = events.filter(pc.invert(held_out)), events.filter(held_out)
@@ -141,7 +167,9 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
         return None if contexts is None else contexts.encode(table[contexts.column])
 
     train = build_histories(train_events, vocab, config, context_codes(train_events))
-    test = build_histories(test_events, test_vocab, config, context_codes(test_events))
+    # A test user's events on items no training user touched stay, as misses for every model.
+    test = build_histories(test_events, test_vocab, config, context_codes(test_events),
+                           keep_unknown_items=True)
     windows = build_windows(train, config)
     logger.info("prepared %d training users, %d windows, %d test users, %d items",
                 train.num_rows, windows.num_rows, test.num_rows, vocab.num_items)
@@ -175,7 +203,6 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
             "num_train_events": int(counts.sum()), "test_users": test.num_rows,
             "events_uri": config.events_uri}
     fs.pipe_file(posixpath.join(root, "meta.json"), json.dumps(meta, indent=2).encode())
-    return PreparedData.load(out_uri, storage_options)
 
 
 def entity_features(events: pa.Table, id_column: str, encode, num_ids: int,

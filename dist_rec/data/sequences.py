@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import DataConfig
 from dist_rec.data.schema import event_type_codes
-from dist_rec.data.vocab import Vocabulary
+from dist_rec.data.vocab import UNKNOWN_ITEM, Vocabulary
 
 STEP_COLUMNS = ("items", "targets", "deltas", "event_types", "target_types", "session_starts")
 OPTIONAL_STEP_COLUMNS = ("values", "target_values", "contexts")   # present when the data has them
@@ -60,14 +60,18 @@ def session_starts(timestamps: np.ndarray, offsets: np.ndarray, gap_seconds: int
 
 
 def build_histories(events: pa.Table, vocab: Vocabulary, data_config: DataConfig,
-                    contexts: np.ndarray | None = None) -> pa.Table:
-    """Event table -> histories table (see module doc); events of unknown items/users dropped.
+                    contexts: np.ndarray | None = None, keep_unknown_items: bool = False
+                    ) -> pa.Table:
+    """Event table -> histories table (see module doc); events of unknown users dropped, events
+    of unknown items dropped too, or kept as vocab.UNKNOWN_ITEM with `keep_unknown_items` (held-out
+    users: their ground truth keeps every event).
 
     values come from the events' `value` column when data_config.carry_values; contexts (n,) are
     the events' context codes (features.FieldCodes), None when the data has no context."""
     items = vocab.items.encode(events["item_id"])
     users = vocab.users.encode(events["user_id"])
-    keep = (items > 0) & (users > 0)
+    keep = (users > 0) & (keep_unknown_items | (items > 0))
+    items = np.where(items > 0, items, UNKNOWN_ITEM)
     items, users = items[keep], users[keep]
     timestamps = events["timestamp"].to_numpy()[keep]
     codes = event_type_codes(events["event_type"], data_config.event_types)[keep]

@@ -27,6 +27,10 @@ import pyarrow as pa
 from dist_rec.config import DataConfig
 
 FORMAT_VERSION = 1
+# The item id, in held-out users' histories, of an event on an item that no training event has
+# (data.prepare keeps such events there rather than dropping them). It is never a model input and,
+# as a ground truth or target, always a miss: no model could have recommended it.
+UNKNOWN_ITEM = -1
 _EMPTY = np.zeros(0, np.int64)
 
 

@@ -13,13 +13,15 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from dist_rec.data.vocab import UNKNOWN_ITEM
+
 
 @dataclass(frozen=True)
 class Histories:
     """Per-user event arrays in time order: U users, each n_u events (int64 unless said)."""
 
     users: np.ndarray              # (U,) user ids, 0 = unknown
-    items: list[np.ndarray]        # dense item ids >= 1
+    items: list[np.ndarray]        # dense item ids >= 1, or UNKNOWN_ITEM
     timestamps: list[np.ndarray]   # unix seconds (zeros when the data has none)
     event_types: list[np.ndarray]  # codes 1..n (ones when the data has none)
     values: list[np.ndarray] | None = None     # float32 event values (HRNN-meta), when carried
@@ -44,8 +46,9 @@ class Histories:
             if len(x) != len(t) or len(x) != len(e):
                 raise ValueError(f"histories: row {row} has {len(x)} items but {len(t)} "
                                  f"timestamps and {len(e)} event_types")
-            if len(x) and x.min() < 1:
-                raise ValueError(f"histories: row {row} has item id {x.min()} (ids start at 1)")
+            if _invalid_ids(x).any():
+                raise ValueError(f"histories: row {row} has item id {x[_invalid_ids(x)][0]} "
+                                 f"(ids start at 1; {UNKNOWN_ITEM} = unknown item)")
         return out
 
     def lengths(self) -> np.ndarray:
@@ -62,6 +65,13 @@ class Histories:
                      for name in ("items", "timestamps", "event_types", "values", "contexts")}
         return Histories(users, **per_event)
 
+    def without_unknown_items(self) -> "Histories":
+        """The same users without their UNKNOWN_ITEM events: what a model can read."""
+        keep = [x != UNKNOWN_ITEM for x in self.items]
+        if all(k.all() for k in keep):
+            return self
+        return self._map_events(lambda arrays: [a[k] for a, k in zip(arrays, keep)], self.users)
+
     def sorted_by_time(self) -> "Histories":
         """Each user's events stably sorted by timestamp (equal times keep their order)."""
         order = [np.argsort(t, kind="stable") for t in self.timestamps]
@@ -70,6 +80,10 @@ class Histories:
     def request_contexts(self) -> np.ndarray | None:
         """(U,) the context of each user's first event (the request a ground truth answers)."""
         return None if self.contexts is None else np.array([c[0] for c in self.contexts], np.int64)
+
+
+def _invalid_ids(items: np.ndarray) -> np.ndarray:
+    return (items < 1) & (items != UNKNOWN_ITEM)
 
 
 def _list_column(table: pa.Table, name: str, dtype: type = np.int64
@@ -94,9 +108,11 @@ def as_histories(data: Histories | pa.Table | Sequence[np.ndarray]) -> Histories
         if name not in data.column_names:
             raise ValueError(f"histories table: missing column {name!r} (has {data.column_names})")
     lengths, items = _list_column(data, "items")
-    if len(items) and items.min() < 1:
-        row = np.searchsorted(np.cumsum(lengths), items.argmin(), side="right")
-        raise ValueError(f"histories table: row {row} has item id {items.min()} (ids start at 1)")
+    if _invalid_ids(items).any():
+        first = int(np.argmax(_invalid_ids(items)))
+        row = np.searchsorted(np.cumsum(lengths), first, side="right")
+        raise ValueError(f"histories table: row {row} has item id {items[first]} "
+                         f"(ids start at 1; {UNKNOWN_ITEM} = unknown item)")
     flat = {"timestamps": np.zeros_like(items), "event_types": np.ones_like(items),
             "values": None, "contexts": None}
     for name in flat:

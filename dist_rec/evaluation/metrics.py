@@ -71,7 +71,8 @@ def multi_target_hits(topk_items: torch.Tensor, truth: torch.Tensor) -> torch.Te
     """Ground-truth events whose item is in the top-k list, duplicates counted.
 
     topk_items (B, k) int64 recommended ids (0 = empty slot, never a hit);
-    truth (B, M) int64 ground-truth item ids, one column per event, 0 = padding
+    truth (B, M) int64 ground-truth item ids, one column per event, 0 = padding, negative =
+    an item no model has a row for (histories.UNKNOWN_ITEM: never a hit)
     -> hits (B,) int64.
     """
     ordered, _ = topk_items.sort(dim=1)
@@ -92,10 +93,11 @@ def multi_target_precision_recall(topk_items: torch.Tensor, truth: torch.Tensor
     item can hit several times, precision can exceed |top-k ∩ truth items| / k (and, in the
     degenerate case of more repeats than k, exceed 1).
 
-    topk_items (B, k), truth (B, M) 0-padded -> (precision (B,), recall (B,)) float64.
+    topk_items (B, k), truth (B, M) 0-padded -> (precision (B,), recall (B,)) float64. Unknown
+    items (negative ids) count in the ground truth and are never hit.
     Rows with an empty ground truth are an error: recall is undefined for them.
     """
-    sizes = (truth > 0).sum(1)
+    sizes = (truth != 0).sum(1)
     if (sizes == 0).any():
         raise ValueError("multi_target_precision_recall: a row has an empty ground truth")
     found = multi_target_hits(topk_items, truth).double()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import DataConfig
 from dist_rec.data.sequences import history_batch
+from dist_rec.data.vocab import UNKNOWN_ITEM
 from dist_rec.evaluation.histories import Histories, as_histories
 from dist_rec.evaluation.metrics import multi_target_precision_recall, rank_metrics
 
@@ -128,13 +129,15 @@ def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_co
     time of each row's last position and now_contexts (U,) its request context (when the
     histories carry contexts). Users go in order of history length, so a batch pads only to
     its own longest row (every encoder is padding-invariant, tested): on Amazon's histories
-    (mean 9 events, cut at 50) a batch of 256 random users is 50 wide almost always."""
+    (mean 9 events, cut at 50) a batch of 256 random users is 50 wide almost always. Events on
+    unknown items are left out: no model has a row for them."""
+    inputs = inputs.without_unknown_items()
     lengths = inputs.lengths()
     order = np.argsort(lengths, kind="stable")
     pick = lambda lists, rows: None if lists is None else [lists[r] for r in rows]  # noqa: E731
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
         rows = order[start:start + batch_size]
-        width = int(lengths[rows].max())
+        width = max(int(lengths[rows].max()), 1)      # a user may have no known input event
         width = width if max_length is None else min(width, max_length)
         # Whole histories go in: history_batch keeps the last `width` events itself and sees
         # the predecessor of the first kept one (its session-start bit).
@@ -222,8 +225,8 @@ def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
     (HRNN-meta, KDD 2020, sec. 4.3, Tables 4-5).
 
     Rules: histories with values (a table from build_histories with DataConfig.carry_values);
-    each user's last `max_length` events, every event after the first predicted from the events
-    before it (and from the event's item, which the value head reads), `now` unused (the deltas
+    each user's last `max_length` known-item events, every event after the first predicted from
+    the events before it (and from the event's item, which the value head reads), `now` unused (the deltas
     are the real gaps). Returns rmse (over events) and count (events). `model`: a NextItemModel
     with a value head, or anything with its `hidden` and `predict_values` (e.g.
     models.baselines.RollingAverageValues).
@@ -305,7 +308,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count. Same seed, same users and negatives (whatever the batch size).
     `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection
-    that reads the sampled figures only; (a) is unchanged.
+    that reads the sampled figures only; (a) is unchanged. A target on an unknown item
+    (UNKNOWN_ITEM) is a miss in (a), (b) and (c); unknown items are never inputs or negatives.
     """
     if target not in ("test", "valid"):
         raise ValueError(f"user_leave_one_out: target must be 'test' or 'valid', got {target!r}")
@@ -319,18 +323,25 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     inputs = h.slices(users, np.zeros_like(cut), cut)
     goal = h.slices(users, cut, cut + 1)
     targets, now = torch.as_tensor(np.concatenate(goal.items)), np.concatenate(goal.timestamps)
-    interacted = [h.items[u] for u in users]
+    known = targets != UNKNOWN_ITEM
+    targets = torch.where(known, targets, 1)         # scored as item 1, then ranked past the end
+    interacted = [h.items[u][h.items[u] != UNKNOWN_ITEM] for u in users]
     negatives = torch.as_tensor(_negatives(rng, interacted, ranker.num_items, num_negatives))
     interacted = pad_sequence([torch.as_tensor(x) for x in interacted], batch_first=True)  # (U, M)
     sampled, full, unseen = [], [], []
+
+    def missed(ranks: torch.Tensor, rows: np.ndarray, past_the_end: int) -> torch.Tensor:
+        return torch.where(known[rows], ranks, past_the_end)
+
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, f"leave-one-out {target}", goal.request_contexts()):
         candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
         scores = ranker.candidate_scores(batch, candidates)
-        sampled.append((scores[:, 1:] >= scores[:, :1]).sum(1))
+        sampled.append(missed((scores[:, 1:] >= scores[:, :1]).sum(1), rows, num_negatives + 1))
         if full_ranking:
-            full.append(ranker.target_ranks(batch, targets[rows]))
-            unseen.append(ranker.target_ranks(batch, targets[rows], exclude=interacted[rows]))
+            full.append(missed(ranker.target_ranks(batch, targets[rows]), rows, ranker.num_items))
+            unseen.append(missed(ranker.target_ranks(batch, targets[rows], exclude=interacted[rows]),
+                                 rows, ranker.num_items))
     out = {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"), "count": float(len(users))}
     if full_ranking:
         out.update(rank_metrics(torch.cat(full), ks, prefix="full_"))
@@ -385,7 +396,8 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     events sorted by time (stable); with n events, the first n // 2 are the input (its last
     `max_length` kept) and the other n - n // 2 the ground truth: all behaviour types, duplicates
     kept. `now` = timestamp of the first ground-truth event. Top-k over the full catalog, seen items
-    NOT excluded. Per user, with hits = ground-truth events whose item is in the top k
+    NOT excluded. Events on unknown items (UNKNOWN_ITEM: items only held-out users touched) count
+    in n and in the ground truth, where no model can hit them, and are left out of the input. Per user, with hits = ground-truth events whose item is in the top k
     (metrics.multi_target_precision_recall): precision@k = hits / k, recall@k = hits / n_truth;
     hr@k = share of users with a hit; ndcg@k and mrr@k score the first ground-truth item at its
     position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).

@@ -9,6 +9,7 @@ import pytest
 
 from dist_rec.config import DataConfig
 from dist_rec.data.prepare import PreparedData, prepare
+from dist_rec.data.vocab import UNKNOWN_ITEM
 
 
 def test_prepared_data_round_trip_with_item_categories(tmp_path):
@@ -31,7 +32,28 @@ def test_prepared_data_round_trip_with_item_categories(tmp_path):
     assert prepared.item_features.tolist() == [[0], [2], [1], [2]]
     assert written.item_features.tolist() == prepared.item_features.tolist()
     assert prepared.item_counts.tolist() == [0, 3, 1, 2]                  # training events per item
-    assert prepared.test_histories().num_rows == 1
+    # The test user's event on item 8 stays, as an unknown item: a miss for every model.
+    assert prepared.test_histories()["items"].to_pylist() == [[2] * 9 + [UNKNOWN_ITEM]]
+
+
+def test_a_failed_preparation_leaves_the_previous_one(tmp_path):
+    rows = [f"{user},{item},1,pv,{100 * user + item}" for user in range(1, 4) for item in range(1, 12)]
+    csv = tmp_path / "UserBehavior.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "prepared")
+    before = prepare(DataConfig(events_uri=str(csv), window_length=4), out, test_users=1, seed=0)
+
+    with pytest.raises(FileNotFoundError):
+        prepare(DataConfig(events_uri=str(tmp_path / "missing.csv")), out, test_users=1, seed=0)
+    after = PreparedData.load(out)
+    assert after.vocabulary().hash == before.vocabulary().hash
+    assert after.test_histories().equals(before.test_histories())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UserBehavior.csv", "prepared"]
+
+    # Events stored under the output directory would be deleted by the preparation that reads them.
+    with pytest.raises(ValueError, match="inside the output directory"):
+        prepare(DataConfig(events_uri=f"{out}/events.csv"), out, test_users=1, seed=0)
+    assert PreparedData.load(out).vocabulary().hash == before.vocabulary().hash
 
 
 def test_values_contexts_and_user_features_reach_the_prepared_data(tmp_path):

@@ -13,6 +13,7 @@ from scipy.stats import chisquare
 from torch import nn
 
 from dist_rec.batch import SequenceBatch
+from dist_rec.data.vocab import UNKNOWN_ITEM
 from dist_rec.embeddings.table import ItemTables
 from dist_rec.evaluation import protocols
 from dist_rec.evaluation.histories import Histories, as_histories
@@ -183,6 +184,33 @@ def test_leave_one_out_sampled_only_skips_the_catalog():
                                  full_ranking=False)
     assert sampled == {k: v for k, v in everything.items() if not k.startswith("full_")}
     assert len(ranker.batches) == len(ranker.candidates) == 1      # candidate_scores only
+
+
+def test_leave_one_out_unknown_items_are_misses_never_inputs():
+    ranker = Successor()
+    out = user_leave_one_out(ranker, [[1, UNKNOWN_ITEM, 2, 3], [1, 2, 3, UNKNOWN_ITEM]],
+                             ks=[1, 6, 101], progress=False)
+    # [1, ?, 2] reads as [1, 2] -> 3: rank 0. The second user's target is unknown: a miss in every
+    # ranking, even at cutoffs that cover the whole catalog or all 101 candidates.
+    assert real_inputs(ranker.batches[0]) == [[1, 2], [1, 2, 3]]
+    for name in ("sampled_hr@1", "sampled_hr@101", "full_hr@1", "full_hr@6", "full_unseen_hr@6"):
+        assert out[name] == 0.5, name
+    assert set(ranker.candidates[0][1, 1:].tolist()) <= {4, 5, 6}
+
+
+def test_tdm_unknown_items_count_in_the_ground_truth_and_never_hit():
+    ranker = Successor()
+    users = [[1, UNKNOWN_ITEM, 2, 3, 4, 5, UNKNOWN_ITEM, 6, 1, 2],
+             [2, 3, 4, 5, 1, UNKNOWN_ITEM, 2, 3, 4, 5]]
+    out = tdm_first_half(ranker, users, k=2, num_users=None, progress=False)
+    # User 1 reads [1, 2, 3, 4]: top 2 = 5, 6, both in its 5-event truth (one unknown): recall 2/5.
+    # User 2 reads [2, 3, 4, 5, 1]: top 2 = 2, 3: recall 2/5; its first truth event is unknown, so
+    # NDCG and MRR miss.
+    assert sorted(real_inputs(ranker.batches[0])) == [[1, 2, 3, 4], [2, 3, 4, 5, 1]]
+    assert out["recall@2"] == pytest.approx(0.4)
+    assert out["precision@2"] == pytest.approx(1.0)
+    assert out["ndcg@2"] == pytest.approx(0.5)
+    assert out["mrr@2"] == pytest.approx(0.5)
 
 
 def test_leave_one_out_valid_target():
