@@ -373,7 +373,8 @@ H = D = 128, S = {large_catalog.NEGATIVES}) is {floor_events['fp32']:,.0f} event
 
 Our `gru4rec`, tied item vectors of the hidden size, K = {large_catalog.NEGATIVES}, {plan['gru4rec_items']:,} items,
 session-parallel rows × {large_catalog.WINDOW} steps; the full plan runs the official code's two settings
-(480 / 48 and 512 / 240). The official figures are its CPU ones (DESIGN.md); its GPU figures are
+(480 / 48 and 512 / 240). The official figures are its CPU ones (`../shared/DESIGN.md`, beside
+the repository, not in it); its GPU figures are
 not known here.
 
 {markdown_table(["hidden / rows", "ours fp32 events/s", "ours bf16 events/s", "official (CPU) events/s"], gru_rows)}

@@ -23,9 +23,10 @@ def column_list(text: str) -> tuple[str, ...]:
 TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--events": ("data.events_uri", str, "events to train on: UserBehavior.csv or a Parquet "
                  "directory, local or s3://; empty = generate Taobao-like data first"),
-    "--work-dir": ("data.work_dir", str, "where prepared data (vocabulary, window shards) goes"),
-    "--model": ("model.name", str, "encoder: hrnn, hrnn_meta, gru4rec, user_gru, caser, convrec, "
-                "dynamicrec, sasrec"),
+    "--work-dir": ("data.work_dir", str, "where generated events and prepared data (vocabulary, "
+                   "window shards) go; default: a local directory; on a multi-node cluster use "
+                   "shared storage (s3://bucket/prefix) that every worker can read"),
+    "--model": ("model.name", str, "encoder (MostPop always runs beside it as the baseline)"),
     "--context-column": ("data.context_column", str, "Parquet events: column of the request "
                          "context (e.g. device), an input of hrnn_meta"),
     "--values": ("data.carry_values", bool, "Parquet events: carry the `value` column into "
@@ -38,7 +39,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
                         "newest value), inputs and eq. 2 feature rows of hrnn_meta"),
     "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
     "--embedding": ("model.embedding_dim", int, "input item vector size E"),
-    "--loss": ("sampler.loss", str, "full_softmax | sampled_softmax | bpr_max | bce"),
+    "--loss": ("sampler.loss", str, "training loss"),
     "--negatives": ("sampler.num_negatives", int, "K shared negatives per batch (alias sampler)"),
     "--alpha": ("sampler.alpha", float, "negatives drawn from count^alpha (0 = uniform)"),
     "--workers": ("train.num_workers", int, "Ray Train workers (data-parallel ranks)"),
@@ -50,21 +51,56 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lr": ("train.dense_lr", float, "Adam learning rate of the encoder"),
     "--sparse-lr": ("train.sparse_lr", float, "row-wise Adagrad learning rate of the item tables"),
     "--seed": ("train.seed", int, "seed of initialisation, negatives and shuffling"),
-    "--sharding": ("train.sharding", str, "item tables: none (replicated) | row (row-wise sharded)"),
+    "--sharding": ("train.sharding", str, "item tables: none (replicated on every worker) or "
+                   "row (row-wise sharded over the workers)"),
     "--storage": ("storage.uri", str, "checkpoints and results: local path or s3://bucket/prefix"),
-    "--s3-endpoint": ("storage.endpoint_url", str, "S3 endpoint (MinIO, moto, ...)"),
+    "--s3-endpoint": ("storage.endpoint_url", str, "S3 endpoint (MinIO, moto, ...); empty = AWS"),
     "--keep-last": ("storage.keep_last", int, "checkpoints to keep"),
     "--run-name": ("run_name", str, "name of the run: its directory under --storage"),
     "--strict": ("data.strict", bool, "fail on the first bad input row instead of quarantining it"),
 }
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+# Item tables' layouts, as models.base.build_model accepts them.
+SHARDINGS = ("none", "row")
+
+
+def flag_choices() -> dict[str, tuple[str, ...]]:
+    """flag -> the values the code accepts, so a typo fails in argparse, not in the Ray workers."""
+    from dist_rec.losses import LOSSES
+    from dist_rec.models import registered_models
+
+    return {"--model": tuple(registered_models()), "--loss": tuple(LOSSES),
+            "--sharding": SHARDINGS}
+
+
+# How S3 is reached; printed under train's and prepare's --help.
+S3_HELP = """\
+S3 (s3:// in --events, --work-dir, --storage): credentials are either given in the config,
+  --set storage.key=KEY --set storage.secret=SECRET [--set storage.region=REGION]
+(they travel to the Ray workers inside the config; --print-config prints them as ***, so give
+them again when reusing a printed config), or, when storage.key is empty, found on each node by
+s3fs (botocore's chain): AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or the
+instance's IAM role (cluster/aws-gpu.yaml gives every node one). --s3-endpoint points at a
+non-AWS S3 (MinIO, moto).
+"""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser,
+                        synthetic_sizes: dict[str, tuple[int, int]] | None = None) -> None:
+    """train's options. synthetic_sizes: flag -> (main job's default, --smoke-test's default)."""
     defaults = JobConfig().to_dict()
+    choices = flag_choices()
     for flag, (path, kind, text) in TRAIN_FLAGS.items():
         default = _get(defaults, path)
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=text)
+        elif flag in choices:
+            named = all(name in text for name in choices[flag])   # the help names them already
+            listed = "" if named else f": {', '.join(choices[flag])}"
+            parser.add_argument(flag, type=kind, default=None, choices=choices[flag],
+                                metavar=flag[2:].upper(),
+                                help=f"{text}{listed} (default: {default!r})")
         else:
             parser.add_argument(flag, type=kind, default=None,
                                 help=f"{text} (default: {default!r})")
@@ -76,9 +112,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config as JSON and exit")
     parser.add_argument("--smoke-test", action="store_true",
                         help="a tiny configuration of the same path (< 1 minute)")
-    parser.add_argument("--users", type=int, help="synthetic data: number of users")
-    parser.add_argument("--items", type=int, help="synthetic data: catalog size")
-    parser.add_argument("--num-events", type=int, help="synthetic data: number of events")
+    sizes = synthetic_sizes or {}
+    for flag, text, note in (("--users", "number of users", ""),
+                             ("--items", "catalog size", ""),
+                             ("--num-events", "number of events",
+                              "; `dist-rec generate` calls this count --events")):
+        default = (f"default {sizes[flag][0]:,}, --smoke-test {sizes[flag][1]:,}; "
+                   if flag in sizes else "")
+        parser.add_argument(flag, type=int, help=f"generated data: {text} ({default}ignored when "
+                            f"--events names a file){note}")
     parser.add_argument("--test-users", type=int, default=None,
                         help="held-out users for the TDM evaluation (default 2000; smoke 200)")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or an "
@@ -104,6 +146,13 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         except json.JSONDecodeError:
             value = text
         _put(raw, path, value)
+    # --config and --set bypass argparse's choices: check the same names here, before any data work.
+    for flag, allowed in flag_choices().items():
+        path = TRAIN_FLAGS[flag][0]
+        value = _get(raw, path)
+        if value not in allowed:
+            raise SystemExit(f"{path} = {value!r} (from --config or --set): unknown; choose from "
+                             f"{', '.join(allowed)}")
     return JobConfig.from_dict(raw)
 
 
@@ -124,29 +173,43 @@ def _put(raw: dict[str, Any], path: str, value: Any) -> None:
     raw[name] = value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
+    """train_prog: what train's usage line calls the command (a job script passes its own)."""
     from dist_rec.data import synthetic
     from dist_rec.train import pipeline
 
+    sizes = {flag: (getattr(pipeline.DEMO, name), getattr(pipeline.SMOKE, name))
+             for flag, name in (("--users", "num_users"), ("--items", "num_items"),
+                                ("--num-events", "num_events"))}
     parser = argparse.ArgumentParser(prog="dist-rec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="write synthetic Taobao-like events")
+    generate = commands.add_parser(
+        "generate", help="write synthetic Taobao-like events",
+        description="Write synthetic Taobao-like events. Here --events is the number of events "
+        "(train's --num-events); in train and prepare --events is a file path.")
     synthetic.add_arguments(generate)
-    prepare = commands.add_parser("prepare", help="events -> vocabulary + window shards")
-    add_train_arguments(prepare)
+    prepare = commands.add_parser(
+        "prepare", help="events -> vocabulary + window shards (train's first step, alone)",
+        description="train's data step alone: read --events (or generate Taobao-like data when "
+        "it is empty),\nhold out --test-users, write the vocabulary and window shards to "
+        "WORK_DIR/prepared-RUN_NAME\nand print that path. Takes train's options; only the data "
+        "ones matter.\n(train prepares the data again itself.)",
+        epilog=S3_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(prepare, sizes)
     train = commands.add_parser(
         "train", help="prepare, train on Ray, evaluate (TDM p@200/r@200) against MostPop",
-        description=pipeline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(train)
+        description=pipeline.__doc__, epilog=S3_HELP, prog=train_prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(train, sizes)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
     from dist_rec.data import synthetic
     from dist_rec.train import pipeline
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(train_prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         synthetic.run_from_args(args)

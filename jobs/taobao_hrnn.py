@@ -3,7 +3,8 @@
     python jobs/taobao_hrnn.py                      # embedded local Ray, generated data, 2 CPU workers
     python jobs/taobao_hrnn.py --smoke-test         # the same path, tiny (< 1 minute)
     ray job submit --working-dir . -- python jobs/taobao_hrnn.py \
-        --events s3://bucket/UserBehavior.csv --storage s3://bucket/runs --workers 8 --gpu
+        --events s3://bucket/UserBehavior.csv --work-dir s3://bucket/work \
+        --storage s3://bucket/runs --workers 4 --gpu   # see cluster/aws-gpu.yaml
 
 `python jobs/taobao_hrnn.py --help` lists every option.
 """
@@ -12,4 +13,4 @@ import sys
 from dist_rec.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], train_prog="python jobs/taobao_hrnn.py"))

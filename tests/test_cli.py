@@ -1,0 +1,51 @@
+"""The command line rejects unknown names up front (no Ray, no data): a typo in --model, --loss or
+--sharding is an argparse error naming the valid choices, not a failure inside the Ray workers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dist_rec.cli import build_parser, main
+from dist_rec.losses import LOSSES
+from dist_rec.models import registered_models
+
+
+@pytest.mark.parametrize("flag, typo, valid", [
+    ("--model", "hrn", registered_models()),
+    ("--loss", "softmax", list(LOSSES)),
+    ("--sharding", "rows", ["none", "row"]),
+])
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_a_typo_is_an_argparse_error_naming_the_choices(command, flag, typo, valid, capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args([command, flag, typo])
+    assert exit.value.code == 2                                   # argparse's usage error
+    error = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: '{typo}'" in error
+    for name in valid:
+        assert repr(name) in error
+
+
+def test_every_valid_name_is_accepted(capsys):
+    for name in registered_models():
+        assert main(["train", "--model", name, "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["name"] == name
+    for loss in LOSSES:
+        assert main(["train", "--loss", loss, "--sharding", "row", "--print-config"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["sampler"]["loss"] == loss and printed["train"]["sharding"] == "row"
+
+
+def test_a_typo_through_set_or_config_fails_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="model.name = 'hrn'.*hrnn_meta"):
+        main(["train", "--set", "model.name=hrn", "--print-config"])
+    (tmp_path / "run.json").write_text(json.dumps({"sampler": {"loss": "softmax"}}))
+    with pytest.raises(SystemExit, match="sampler.loss = 'softmax'.*sampled_softmax"):
+        main(["train", "--config", str(tmp_path / "run.json"), "--print-config"])
+
+
+def test_the_job_script_usage_names_the_script(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"], train_prog="python jobs/taobao_hrnn.py")
+    assert capsys.readouterr().out.startswith("usage: python jobs/taobao_hrnn.py ")
