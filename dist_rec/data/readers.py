@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -58,9 +59,10 @@ def read_events(uri: str, columns: Mapping[str, str], config: DataConfig = DataC
     columns: event field -> source column (user_id, item_id and timestamp required; event_type,
     value, category_id optional). features: source columns kept as extra columns, as read.
     event_type_map: source behaviour -> configured type. file_format: "parquet" | "csv", default
-    from each file's suffix. Files in a directory are read in name order; names starting with
-    "_" or "." are skipped. For Parquet, `line` in the report is the 1-based row number and
-    `text` the mapped columns (then features) joined in mapping order.
+    from each file's suffix. Files in a directory are read in name order, skipping any whose
+    name, or a subdirectory's on its path, starts with "_" or "." (_SUCCESS, _temporary/). For
+    Parquet, `line` in the report is the 1-based row number and `text` the mapped columns (then
+    features) joined in mapping order.
     """
     missing = {"user_id", "item_id", "timestamp"} - set(columns)
     if missing:
@@ -135,8 +137,9 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
     """Yield (string columns, (n,) 1-based line numbers, rows of the wrong width) per block.
 
     Rows of the wrong width are skipped by the parser and handed over as (line, text, expected,
-    actual). Single-threaded parsing is what keeps line numbers known (pyarrow gives none when
+    actual). Single-threaded parsing is what keeps row numbers known (pyarrow gives none when
     multithreaded); empty lines are kept (as rows of empty fields) so that numbering stays exact.
+    A row's line is the file line it starts on: quoted values may hold newlines.
     """
     wrong: list[tuple[int, str, int, int]] = []
 
@@ -146,11 +149,12 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
 
     read = pacsv.ReadOptions(column_names=list(names), skip_rows=int(header), use_threads=False,
                              block_size=BLOCK_BYTES)
+    # newlines_in_values: else a quoted newline at a block boundary fails the read.
     parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip,
-                               ignore_empty_lines=False)
+                               ignore_empty_lines=False, newlines_in_values=True)
     convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
-    next_line = 1 + int(header)
+    next_row = next_line = 1 + int(header)  # pyarrow's number of the next row, its file line
     with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as f:
         try:
             reader = pacsv.open_csv(f, read_options=read, parse_options=parse,
@@ -158,31 +162,60 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
         except pa.ArrowInvalid as error:    # e.g. an empty file
             raise ValueError(f"{uri}: {error}") from error
         for batch in reader:
-            # This block's rows are the first n lines from next_line that were not skipped.
-            skipped = np.array(sorted(w[0] for w in wrong if w[0] >= next_line), np.int64)
-            candidates = np.arange(next_line, next_line + batch.num_rows + len(skipped))
-            lines = candidates[~np.isin(candidates, skipped)][:batch.num_rows]
-            next_line = int(lines[-1]) + 1 if len(lines) else next_line
-            done = [w for w in wrong if w[0] < next_line]
-            wrong[:] = [w for w in wrong if w[0] >= next_line]
-            yield pa.Table.from_batches([batch]), lines, done
-    if wrong:
-        yield pa.table({name: pa.array([], pa.string()) for name in names}), \
-            np.zeros(0, np.int64), wrong
+            # This block's rows are the first n rows from next_row that were not skipped.
+            skipped = np.array(sorted(w[0] for w in wrong if w[0] >= next_row), np.int64)
+            candidates = np.arange(next_row, next_row + batch.num_rows + len(skipped))
+            rows = candidates[~np.isin(candidates, skipped)][:batch.num_rows]
+            end = int(rows[-1]) + 1 if len(rows) else next_row
+            done = [w for w in wrong if w[0] < end]
+            wrong[:] = [w for w in wrong if w[0] >= end]
+            table = pa.Table.from_batches([batch])
+            lines, done, next_line = _file_lines(table, rows, done, next_row, next_line)
+            next_row = end
+            yield table, lines, done
+    if wrong:   # skipped rows after the last block's
+        empty = pa.table({name: pa.array([], pa.string()) for name in names})
+        no_rows = np.zeros(0, np.int64)
+        yield empty, no_rows, _file_lines(empty, no_rows, wrong, next_row, next_line)[1]
+
+
+def _file_lines(table: pa.Table, rows: np.ndarray, wrong: list, first_row: int,
+                first_line: int) -> tuple[np.ndarray, list, int]:
+    """Row numbers -> the file lines the rows start on, given the newlines inside values.
+
+    Rows first_row.. are the table's (numbered `rows`) and the skipped `wrong` ones, in some
+    order; first_line is the line of the first. Returns (the table's lines, wrong with lines in
+    place of row numbers, the line after them all).
+    """
+    spans = np.ones(len(rows) + len(wrong), np.int64)   # lines per row, in row order
+    for column in table.columns:
+        # A scan of the value bytes (offsets aside) spares the per-row count in the usual file,
+        # with no newline in any value.
+        data = [chunk.buffers()[2] for chunk in column.chunks]
+        if any(buf is not None and ord("\n") in np.frombuffer(buf, np.uint8) for buf in data):
+            spans[rows - first_row] += pc.count_substring(column, "\n").to_numpy()
+    numbers = np.array([w[0] for w in wrong], np.int64)
+    spans[numbers - first_row] += np.array([w[1].count("\n") for w in wrong], np.int64)
+    starts = first_line + np.cumsum(spans) - spans
+    wrong = [(int(starts[n - first_row]), *w[1:]) for n, w in zip(numbers, wrong)]
+    return starts[rows - first_row], wrong, first_line + int(spans.sum())
 
 
 def _parquet_blocks(path: str, columns: list[str],
                     storage_options: dict | None) -> Iterator[tuple[pa.Table, np.ndarray]]:
     with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        parquet = pq.ParquetFile(f)
-        absent = set(columns) - set(parquet.schema_arrow.names)
-        if absent:
-            raise ValueError(f"{path}: Parquet columns {parquet.schema_arrow.names} lack "
-                             f"{sorted(absent)}")
-        first = 1
-        for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
-            yield pa.Table.from_batches([batch]), np.arange(first, first + batch.num_rows)
-            first += batch.num_rows
+        try:
+            parquet = pq.ParquetFile(f)
+            absent = set(columns) - set(parquet.schema_arrow.names)
+            if absent:
+                raise ValueError(f"{path}: Parquet columns {parquet.schema_arrow.names} lack "
+                                 f"{sorted(absent)}")
+            first = 1
+            for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, columns=columns):
+                yield pa.Table.from_batches([batch]), np.arange(first, first + batch.num_rows)
+                first += batch.num_rows
+        except (pa.ArrowInvalid, OSError) as error:   # not Parquet, or corrupt (pyarrow: OSError)
+            raise ValueError(f"{path}: {error}") from error
 
 
 def _integer_rows(raw: pa.Table, lines: np.ndarray, source: str,
@@ -245,15 +278,18 @@ def _files(uri: str, storage_options: dict | None) -> list[str]:
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.isdir(path):
         return [uri]
+    root = len(path.rstrip("/"))
     names = sorted(p for p in fs.find(path)
-                   if not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+                   if not any(part.startswith(("_", ".")) for part in p[root:].split("/")))
     if not names:
         raise FileNotFoundError(f"{uri}: no data files in this directory")
     return [fs.unstrip_protocol(p) if "://" in uri else p for p in names]
 
 
 def _header(uri: str, delimiter: str, storage_options: dict | None) -> list[str]:
-    with fsspec.open(uri, "rt", compression="infer", **(storage_options or {})) as f:
+    # utf-8-sig drops the byte-order mark Excel writes (pyarrow skips it in the data itself).
+    with fsspec.open(uri, "rt", encoding="utf-8-sig", compression="infer",
+                     **(storage_options or {})) as f:
         line = f.readline().rstrip("\r\n")
     if not line:
         raise ValueError(f"{uri}, line 1: expected a header row of column names")

@@ -15,15 +15,17 @@ Validation is vectorised with pyarrow.compute (no Python loop per row): columns 
 it fails, in this order:
     wrong_column_count       (found by the CSV reader; see readers.py)
     missing_field            empty or null required field
-    non_integer_id           id that is not a non-negative integer of at most 18 digits
+    non_integer_id           id that is not a non-negative integer of at most 18 digits, or one
+                             past int64 (a uint64 Parquet column)
     unknown_event_type       behaviour not in DataConfig.event_types
     non_integer_timestamp    timestamp that is not an integer of at most 18 digits
     timestamp_out_of_window  timestamp outside [min_timestamp, max_timestamp)
-    bad_value                value that is not a finite number
+    bad_value                value that is not a finite float32 number
 Bad rows are dropped (their good neighbours are kept) and recorded in a QuarantineReport; its file
-is a CSV with the header `source,line,reason,field,text` (line: 1-based line in the source file,
-header included; for Parquet the 1-based row number). With DataConfig.strict the first bad row
-raises EventValidationError naming the file, the line and the field.
+is a CSV with the header `source,line,reason,field,text` (line: 1-based line in the source file
+where the row starts, header included; for Parquet the 1-based row number). With
+DataConfig.strict the first bad row raises EventValidationError naming the file, the line and the
+field.
 """
 from __future__ import annotations
 
@@ -175,8 +177,11 @@ def parse_integers(column: pa.ChunkedArray | pa.Array,
     column = _plain(column)
     if pa.types.is_integer(column.type):
         missing = _to_numpy(column.is_null())
-        values = _to_numpy(pc.fill_null(column, 0).cast(pa.int64()))
-        malformed = np.zeros(len(values), bool) if signed else values < 0
+        # Unchecked cast: uint64 values past int64 (hashed ids) wrap to negative, so they become
+        # bad rows one by one instead of failing the whole read.
+        values = _to_numpy(pc.fill_null(column, 0).cast(pa.int64(), safe=False))
+        wrapped = values < 0 if pa.types.is_uint64(column.type) else np.zeros(len(values), bool)
+        malformed = wrapped if signed else values < 0
         return np.where(malformed, 0, values), missing, malformed
     column = column.cast(pa.string())
     lengths = pc.fill_null(pc.utf8_length(column), 0)
@@ -274,7 +279,9 @@ def _parse_floats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.n
     missing = _to_numpy(pc.fill_null(pc.equal(column, ""), True))
     ok = pc.fill_null(pc.match_substring_regex(column, FLOAT_PATTERN), False)
     values = _to_numpy(pc.if_else(ok, column, "0").cast(pa.float32()))
-    return values, missing, ~_to_numpy(ok) & ~missing
+    # Numbers beyond float32's range (1e39) parse as +-inf: as bad as a non-finite Parquet value.
+    malformed = ~(_to_numpy(ok) & np.isfinite(values)) & ~missing
+    return np.where(malformed, 0, values).astype(np.float32), missing, malformed
 
 
 def _plain(column: pa.ChunkedArray | pa.Array) -> pa.Array:

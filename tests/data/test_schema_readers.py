@@ -94,6 +94,34 @@ def test_strict_names_file_line_and_field(tmp_path):
         read_user_behavior(path, DataConfig(strict=True))
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_lines_count_the_newlines_in_quoted_values(tmp_path, monkeypatch, newline):
+    """A row whose quoted value spans lines moves the next rows' lines down, wherever the tiny
+    parser blocks cut (inside such a value too)."""
+    lines = ["user_id,item_id,timestamp,title", '1,5,100,"two', 'lines"', "1,x,102,plain",
+             '1,6,103,"a,""b""', "c", 'd"', "1,9", '1,"p', 'q"', "1,8,105,ok", "2,,106,z"]
+    (tmp_path / "e.csv").write_bytes((newline.join(lines) + newline).encode())
+    for block_bytes in (32, 40, 48, 1 << 20):
+        monkeypatch.setattr(readers, "BLOCK_BYTES", block_bytes)
+        events, report = read_events(str(tmp_path / "e.csv"), {name: name for name in
+                                     ("user_id", "item_id", "timestamp")}, features=["title"])
+        assert events["item_id"].to_pylist() == [5, 6, 8]
+        assert events["title"].to_pylist() == [f"two{newline}lines",
+                                               f'a,"b"{newline}c{newline}d', "ok"]
+        assert report.rows.select(["line", "reason"]).to_pylist() == [
+            {"line": 4, "reason": "non_integer_id"}, {"line": 8, "reason": "wrong_column_count"},
+            {"line": 9, "reason": "wrong_column_count"}, {"line": 12, "reason": "missing_field"}]
+
+
+def test_header_after_a_byte_order_mark(tmp_path):
+    """Excel writes CSV with a UTF-8 BOM before the header."""
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,item_id,timestamp\n1,5,100\n", encoding="utf-8-sig")
+    events, _ = read_events(str(path), {name: name for name in
+                                        ("user_id", "item_id", "timestamp")})
+    assert columns(events)["user_id"] == [1] and columns(events)["item_id"] == [5]
+
+
 def test_empty_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty.csv: Empty CSV file"):
@@ -157,6 +185,46 @@ def test_parquet_non_finite_values_are_quarantined_and_feature_encodings_merge(t
         read_events(str(tmp_path / "events"), mapping, features=["device"])
 
 
+def test_csv_values_beyond_float32_are_bad_values(tmp_path):
+    """1e39 is a number but +-inf in float32: quarantined like a non-finite Parquet value."""
+    path = write(tmp_path / "e.csv", ["user_id,item_id,timestamp,value", "1,5,100,2.5",
+                                      "1,6,101,1e39", "1,7,102,-1e39", "1,8,103,1e400"])
+    events, report = read_events(path, {name: name for name in
+                                        ("user_id", "item_id", "timestamp", "value")})
+    assert events["value"].to_pylist() == [2.5]
+    assert report.rows.select(["line", "reason", "field"]).to_pylist() == [
+        {"line": line, "reason": "bad_value", "field": "value"} for line in (3, 4, 5)]
+
+
+def test_uint64_ids_past_int64_are_quarantined_row_by_row(tmp_path):
+    """Hashed ids stored as uint64: one past int64 is a bad row, its neighbours load."""
+    pq.write_table(pa.table({"user_id": pa.array([1, 2**63 + 5, 2], pa.uint64()),
+                             "item_id": pa.array([5, 6, 2**64 - 1], pa.uint64()),
+                             "timestamp": pa.array([100, 101, 102], pa.uint64())}),
+                   tmp_path / "u.parquet")
+    events, report = read_events(str(tmp_path / "u.parquet"),
+                                 {name: name for name in ("user_id", "item_id", "timestamp")})
+    assert columns(events)["user_id"] == [1] and columns(events)["timestamp"] == [100]
+    assert report.rows.select(["line", "reason", "field"]).to_pylist() == [
+        {"line": 2, "reason": "non_integer_id", "field": "user_id"},
+        {"line": 3, "reason": "non_integer_id", "field": "item_id"}]
+
+
+def test_unreadable_parquet_error_names_the_file(tmp_path):
+    """Not Parquet (a CSV under a Parquet name), or Parquet with garbled pages: a ValueError that
+    starts with the file and keeps pyarrow's message."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"user_id": np.arange(10_000)}), buffer)
+    good = buffer.getvalue().to_pybytes()
+    path = tmp_path / "events.parquet"
+    for data in (b"1,5,3,pv,100\n", good[:100] + bytes(1000) + good[1100:]):
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as error:
+            read_events(str(path), {name: "user_id" for name in ("user_id", "item_id",
+                                                                  "timestamp")})
+        assert str(error.value) == f"{path}: {error.value.__cause__}"
+
+
 def test_csv_directory_with_header_and_features(tmp_path):
     (tmp_path / "events").mkdir()
     write(tmp_path / "events" / "a.csv", ["timestamp;visitorid;itemid;shop", "5;1;2;s1",
@@ -175,6 +243,17 @@ def test_csv_directory_with_header_and_features(tmp_path):
     with pytest.raises(ValueError, match="lacks column"):
         read_events(str(tmp_path / "events" / "a.csv"), {"user_id": "user", "item_id": "itemid",
                                                          "timestamp": "timestamp"}, delimiter=";")
+
+
+def test_directory_skips_files_under_hidden_or_underscore_subdirectories(tmp_path):
+    """Spark's in-flight `_temporary/` and Jupyter's `.ipynb_checkpoints/` hold no data to read."""
+    table = pa.table({"user_id": [1, 2], "item_id": [5, 6], "timestamp": [100, 200]})
+    for folder in ("", "_temporary/0/", ".ipynb_checkpoints/"):
+        (tmp_path / "events" / folder).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "events" / folder / "part-0.parquet")
+    events, report = read_events(str(tmp_path / "events"),
+                                 {name: name for name in table.column_names})
+    assert events["item_id"].to_pylist() == [5, 6] and report.num_quarantined == 0
 
 
 def test_sessions_reader(tmp_path):
