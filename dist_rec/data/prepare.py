@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from dist_rec.config import DataConfig
 from dist_rec.data.features import EventFields, FieldCodes, newest_codes
-from dist_rec.data.readers import read_events, read_user_behavior
+from dist_rec.data.readers import parquet_columns, read_events, read_user_behavior
 from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
 from dist_rec.data.vocab import Vocabulary
 from dist_rec.models.base import Dimensions
@@ -107,7 +108,8 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
     uri = config.events_uri
     metadata = (config.context_column,) if config.context_column else ()
     metadata += config.user_feature_columns + config.item_feature_columns
-    if uri.endswith((".csv", ".csv.gz")):
+    compression = fsspec.utils.infer_compression(uri)
+    if uri.removesuffix(f".{compression}" if compression else "").endswith(".csv"):
         if config.carry_values or metadata:
             raise ValueError(f"{uri}: UserBehavior.csv has no value, context or feature "
                              f"columns, but DataConfig asks for carry_values="
@@ -115,7 +117,9 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
                              f"give such events as Parquet")
         events, _ = read_user_behavior(uri, config, storage_options, quarantine_uri)
     else:
-        names = ("user_id", "item_id", "timestamp", "event_type", "category_id")
+        present = parquet_columns(uri, storage_options)
+        names = ("user_id", "item_id", "timestamp")
+        names += tuple(n for n in ("event_type", "category_id") if n in present)   # optional
         names += ("value",) if config.carry_values else ()
         events, _ = read_events(uri, {n: n for n in names}, config, file_format="parquet",
                                 features=metadata, storage_options=storage_options,

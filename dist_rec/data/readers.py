@@ -286,6 +286,17 @@ def _files(uri: str, storage_options: dict | None) -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in uri else p for p in names]
 
 
+def parquet_columns(uri: str, storage_options: dict | None = None) -> list[str]:
+    """Column names of the Parquet file at `uri`, or of the first data file of a directory (the
+    reader names any other file that lacks a mapped column)."""
+    path = _files(uri, storage_options)[0]
+    with fsspec.open(path, "rb", **(storage_options or {})) as f:
+        try:
+            return pq.read_schema(f).names
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
 def _header(uri: str, delimiter: str, storage_options: dict | None) -> list[str]:
     # utf-8-sig drops the byte-order mark Excel writes (pyarrow skips it in the data itself).
     with fsspec.open(uri, "rt", encoding="utf-8-sig", compression="infer",

@@ -2,6 +2,8 @@
 features, request contexts and event values."""
 from __future__ import annotations
 
+import bz2
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -109,3 +111,22 @@ def test_metadata_columns_need_parquet_events_that_have_them(tmp_path):
     with pytest.raises(ValueError, match=r"e.parquet.*lack \['device'\]"):
         prepare(DataConfig(events_uri=str(tmp_path / "e.parquet"), context_column="device"),
                 str(tmp_path / "b"), 1, 0)
+
+
+def test_parquet_without_optional_columns_and_a_compressed_csv(tmp_path):
+    """category_id and event_type are optional in Parquet events; UserBehavior.csv.bz2 is CSV."""
+    rows = [(user, item, 100 * user + item) for user in range(1, 4) for item in range(1, 12)]
+    users, items, times = zip(*rows)
+    pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": times}),
+                   tmp_path / "events.parquet")
+    prepared = prepare(DataConfig(events_uri=str(tmp_path / "events.parquet"), window_length=4),
+                       str(tmp_path / "from-parquet"), test_users=1, seed=0)
+    assert prepared.dimensions.item_feature_sizes == ()       # no category_id: no item feature
+    assert prepared.num_train_events == 2 * 11
+
+    csv = "\n".join(f"{u},{i},7,pv,{t}" for u, i, t in rows) + "\n"
+    (tmp_path / "UserBehavior.csv.bz2").write_bytes(bz2.compress(csv.encode()))
+    compressed = prepare(DataConfig(events_uri=str(tmp_path / "UserBehavior.csv.bz2"),
+                                    window_length=4), str(tmp_path / "from-csv"), test_users=1, seed=0)
+    assert compressed.vocabulary().hash == prepared.vocabulary().hash
+    assert compressed.dimensions.item_feature_sizes == (1,)   # category_id 7
