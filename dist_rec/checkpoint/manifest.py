@@ -152,4 +152,8 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     for rank in range(manifest["world_size"]):
         if tables_filename(rank, manifest["world_size"]) not in manifest["files"]:
             raise ValueError(f"{where}: files lacks {tables_filename(rank, manifest['world_size'])}")
+    for name, record in manifest["files"].items():
+        if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and isinstance(record.get("sha256"), str)):
+            raise ValueError(f"{where}: files[{name!r}] needs an integer 'bytes' and a 'sha256'")
     return manifest

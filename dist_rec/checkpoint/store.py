@@ -330,6 +330,32 @@ def latest_checkpoint(storage: StorageConfig, run: str, verify: bool = True) -> 
     return None
 
 
+def discard_newer(storage: StorageConfig, run: str, step: int) -> list[str]:
+    """Remove every step directory of `run` newer than `step`; returns the removed URIs.
+
+    For a run resuming from its newest complete checkpoint at `step` (0: none): everything newer
+    is half-written or corrupt, and a committed one would stop the resumed run when it reaches that
+    step again (write_rank_files never overwrites a commit). Call it from one process only.
+    """
+    fs, steps = _step_dirs(storage, run)
+    removed = []
+    for newer, directory in steps:
+        if newer > step:
+            logger.warning("removing %s, newer than the resumed step %d: %s", to_uri(fs, directory),
+                           step, _problem(fs, directory, verify=False) or "checksums differ")
+            _remove(fs, directory)
+            removed.append(to_uri(fs, directory))
+    return removed
+
+
+def _remove(fs: fsspec.AbstractFileSystem, directory: str) -> None:
+    # The manifest goes first so that a half-finished removal reads as incomplete.
+    manifest = posixpath.join(directory, MANIFEST)
+    if fs.exists(manifest):
+        fs.rm_file(manifest)
+    fs.rm(directory, recursive=True)
+
+
 def prune(storage: StorageConfig, run: str, keep_last: int | None = None) -> list[str]:
     """Keep the newest `keep_last` (default storage.keep_last) complete checkpoints; remove older
     complete ones and incomplete ones older than the newest complete one (newer incomplete ones may
@@ -348,11 +374,7 @@ def prune(storage: StorageConfig, run: str, keep_last: int | None = None) -> lis
             newest_complete = step if newest_complete is None else newest_complete
             continue
         if complete or (newest_complete is not None and step < newest_complete):
-            # The manifest goes first so that a half-finished removal reads as incomplete.
-            manifest = posixpath.join(directory, MANIFEST)
-            if fs.exists(manifest):
-                fs.rm_file(manifest)
-            fs.rm(directory, recursive=True)
+            _remove(fs, directory)
             removed.append(to_uri(fs, directory))
     if removed:
         logger.info("pruned %d checkpoint(s) of run %s", len(removed), run)

@@ -14,7 +14,6 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dist_rec.checkpoint import latest_checkpoint
 from dist_rec.config import JobConfig
 from dist_rec.data.streaming import read_windows
 from dist_rec.storage import pyarrow_filesystem
@@ -55,12 +54,12 @@ def storage_path(config: JobConfig) -> tuple[str, Any]:
     return path, fs
 
 
-def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
-    """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result."""
+def run_training(config: JobConfig, prepared_uri: str, resume_from: str | None,
+                 max_failures: int = 2) -> ray.train.Result:
+    """Train `config` on the prepared data at `prepared_uri`, starting from the checkpoint
+    `resume_from` (None: from scratch; retries inside the job resume from their newest one);
+    returns Ray's Result."""
     path, fs = storage_path(config)
-    # A new job resumes from the newest complete (checksum-verified) checkpoint of its run;
-    # retries inside this job get theirs from ray.train.get_checkpoint().
-    resume_from = latest_checkpoint(config.storage, config.run_name)
     if resume_from:
         logger.info("resuming %s from %s", config.run_name, resume_from)
     trainer = TorchTrainer(

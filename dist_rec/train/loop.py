@@ -10,7 +10,6 @@ import logging
 import math
 import time
 
-import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -19,6 +18,7 @@ from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_rec import checkpoint
 from dist_rec.config import JobConfig
 from dist_rec.data.prepare import PreparedData
 from dist_rec.data.streaming import iterate_batches
@@ -58,8 +58,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
 
     position = {"step": 0, "epoch": 0}
-    resume = ray.train.get_checkpoint()
-    resume_path = _checkpoint_uri(resume) if resume else loop_config.get("resume_from")
+    resume_path = loop_config.get("resume_from")
+    if ray.train.get_checkpoint() is not None:
+        # A retry inside this job. Ray's checkpoint is the last one reported, which can be older
+        # than our newest commit (a worker may die between commit and report): take ours.
+        resume_path = _newest_checkpoint(config, rank, world_size)
     if resume_path:
         position = state.restore(config, resume_path, model.encoder, model.tables, optimizers,
                                  generator, prepared.vocab_hash)
@@ -67,6 +70,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     position["epoch"], position["step"])
         if position["item_counts"] is not None:
             loss_fn.update_counts(position["item_counts"].numpy())
+    if rank == 0:   # what is newer than the resumed step is unusable, and would block its replay
+        checkpoint.discard_newer(config.storage, config.run_name, position["step"])
+    _barrier()
     encoder = model.encoder
     if world_size > 1:
         model.encoder = DistributedDataParallel(encoder)
@@ -162,8 +168,10 @@ def _ray_checkpoint(uri: str, config: JobConfig) -> Checkpoint:
     return Checkpoint(path=path, filesystem=fs)
 
 
-def _checkpoint_uri(checkpoint: Checkpoint) -> str:
-    path = checkpoint.path
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return path
-    return f"s3://{path}"
+def _newest_checkpoint(config: JobConfig, rank: int, world_size: int) -> str | None:
+    """The run's newest checkpoint whose checksums verify, read by rank 0 (it reads every byte)
+    and sent to the others."""
+    found = [checkpoint.latest_checkpoint(config.storage, config.run_name) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]

@@ -21,12 +21,13 @@ import pyarrow.compute as pc
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dist_rec import checkpoint
+from dist_rec.checkpoint.store import filesystem
 from dist_rec.config import JobConfig
 from dist_rec.data import synthetic
 from dist_rec.data.prepare import PreparedData, prepare
 from dist_rec.evaluation.protocols import next_value_rmse, tdm_first_half
 from dist_rec.models.baselines import RollingAverageValues, most_pop
-from dist_rec.storage import filesystem
 from dist_rec.train.launch import ensure_ray, run_training
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def events_uri(job: JobSpec) -> str:
         return job.config.data.events_uri
     directory = posixpath.join(job.config.data.work_dir, f"synthetic-{_fingerprint(job.synthetic)}")
     uri = posixpath.join(directory, "UserBehavior.csv")
-    fs, path = filesystem(uri, job.config.storage.storage_options())
+    fs, path = filesystem(job.config.storage, uri)   # s3 options only for an s3:// uri
     if not fs.exists(path):
         logger.info("generating %d synthetic events into %s", job.synthetic.num_events, uri)
         table = synthetic.generate_events(job.synthetic)
@@ -84,11 +85,25 @@ def prepare_data(job: JobSpec) -> PreparedData:
 
 
 def run(job: JobSpec) -> dict[str, Any]:
-    """Prepare, train, evaluate; returns the summary printed by `format_summary`."""
+    """Prepare, train, evaluate; returns the summary printed by `format_summary`, also saved as
+    <storage>/<run>/summary.json.
+
+    A run resumes from its newest complete checkpoint. If that one already has every epoch, there
+    is nothing to train: the saved summary comes back, marked `already_complete`.
+    """
     started = time.perf_counter()
+    config = job.config
+    resume_from = checkpoint.latest_checkpoint(config.storage, config.run_name)
+    resumed_epoch = 0
+    if resume_from:
+        manifest = checkpoint.read_manifest(config.storage, resume_from)
+        _check_same_model(manifest, config, resume_from)
+        resumed_epoch = int(manifest.get("epoch", 0))
+        if resumed_epoch >= config.train.epochs:
+            return {**_load_summary(config, resume_from), "already_complete": True}
     prepared = prepare_data(job)
     ensure_ray(job.ray_address)
-    result = run_training(job.config, prepared.uri)
+    result = run_training(config, prepared.uri, resume_from)
     if result.error:
         raise result.error
     model_metrics = {k: v for k, v in result.metrics.items()}
@@ -98,9 +113,43 @@ def run(job: JobSpec) -> dict[str, Any]:
                               data_config=job.config.data, progress=False)
     if "value_rmse" in model_metrics:
         model_metrics["rolling_average_value_rmse"] = rolling_average_rmse(prepared, job)
-    return {"model": job.config.model.name, "metrics": model_metrics, "most_pop": baseline,
-            "checkpoint": model_metrics["checkpoint"], "items": prepared.dimensions.num_items,
-            "train_events": prepared.num_train_events, "seconds": time.perf_counter() - started}
+    summary = {"run": config.run_name, "model": config.model.name, "metrics": model_metrics,
+               "most_pop": baseline, "checkpoint": model_metrics["checkpoint"],
+               "items": prepared.dimensions.num_items, "train_events": prepared.num_train_events,
+               "resumed_from": resume_from, "epochs": [resumed_epoch + 1, config.train.epochs],
+               "seconds": time.perf_counter() - started,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fs, path = filesystem(config.storage, _summary_uri(config))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _summary_uri(config: JobConfig) -> str:
+    return posixpath.join(config.storage.uri, config.run_name, "summary.json")
+
+
+def _check_same_model(manifest: dict[str, Any], config: JobConfig, where: str) -> None:
+    """Refuse, before any work, to resume a checkpoint of another model configuration: its
+    weights would not load (or, worse, would load into a model they were not trained for)."""
+    saved = (manifest.get("config") or {}).get("model")
+    wanted = config.to_dict()["model"]
+    if saved is not None and saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(
+            f"run {config.run_name!r} has a checkpoint of another model at {where} ("
+            + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
+            + "): give this run its own --run-name, or the same model settings to resume it")
+
+
+def _load_summary(config: JobConfig, where: str) -> dict[str, Any]:
+    fs, path = filesystem(config.storage, _summary_uri(config))
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise SystemExit(f"run {config.run_name!r} is already complete ({where}, epoch "
+                         f"{config.train.epochs}) and has no readable summary.json: raise --epochs "
+                         f"to train on, or give another --run-name") from None
 
 
 def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:
@@ -116,7 +165,17 @@ def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:
 def format_summary(summary: dict[str, Any]) -> str:
     m, p = summary["metrics"], summary["most_pop"]
     ratio = m["recall@200"] / max(p["recall@200"], 1e-12)
+    first, last = summary["epochs"]
+    if summary.get("already_complete"):
+        trained = (f"run {summary['run']!r} was already complete: nothing trained now; its summary "
+                   f"of {summary['finished']} (raise --epochs to train on, or give another "
+                   f"--run-name)")
+    elif summary["resumed_from"]:
+        trained = f"resumed from {summary['resumed_from']}; trained epochs {first}..{last}"
+    else:
+        trained = f"trained epochs 1..{last}"
     lines = [
+        trained,
         f"{summary['model']} on {summary['items']:,} items, {summary['train_events']:,} training "
         f"events, {summary['seconds']:.0f} s",
         f"{'':10s} {'p@200':>8s} {'r@200':>8s} {'HR@20':>8s} {'NDCG@20':>8s}",
@@ -126,6 +185,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([f"next-event value RMSE: {m['value_rmse']:.4f} (rolling average: "
            f"{m['rolling_average_value_rmse']:.4f})"] if "value_rmse" in m else []),
         f"checkpoint: {summary['checkpoint']}",
+        f"summary: {summary['checkpoint'].split('/checkpoints/')[0]}/summary.json",
     ]
     return "\n".join(lines)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_rec.checkpoint import (check_checkpoint, commit, gather_full_table, latest_checkpoint,
+from dist_rec.checkpoint import (check_checkpoint, commit, discard_newer, gather_full_table,
+                                 latest_checkpoint,
                                  list_checkpoints, load_checkpoint, prune, read_checkpoint_file,
                                  read_manifest, restore_rng_state, rng_state, save_checkpoint,
                                  write_rank_files)
@@ -174,6 +175,35 @@ def test_corrupt_checkpoint_is_skipped(storage):
     assert list_checkpoints(storage, RUN) == [first]
     assert "tables-rank0-of-2.pt" in check_checkpoint(storage, second, verify=False)
     assert torch.equal(gather_full_table(storage, latest_checkpoint(storage, RUN))["input"], tables["input"])
+
+
+def test_a_resumed_run_replays_past_a_corrupt_commit(storage):
+    """Step 2 is committed but corrupt: the run resumes from step 1, and when it reaches step 2
+    again it must be able to write it (write_rank_files never overwrites a commit)."""
+    first = write(storage, 1, full_tables(), 2)
+    second = write(storage, 2, full_tables(seed=1), 2)
+    write(storage, 3, full_tables(seed=2), 2, do_commit=False)          # half-written, newer
+    flip_byte(os.path.join(second, "tables-rank0-of-2.pt"))
+    assert latest_checkpoint(storage, RUN) == first
+    with pytest.raises(FileExistsError, match="already committed"):
+        write(storage, 2, full_tables(seed=3), 2)
+    assert [step_of(p) for p in discard_newer(storage, RUN, step_of(first))] == [3, 2]
+    replayed = write(storage, 2, full_tables(seed=3), 2)
+    assert latest_checkpoint(storage, RUN) == replayed
+    assert torch.equal(gather_full_table(storage, replayed)["input"], full_tables(seed=3)["input"])
+    assert discard_newer(storage, RUN, 2) == []
+
+
+def test_a_manifest_without_file_sizes_is_skipped(storage):
+    first = write(storage, 1, full_tables(), 1)
+    second = write(storage, 2, full_tables(), 1)
+    manifest_path = os.path.join(second, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    del manifest["files"]["tables-rank0-of-1.pt"]["bytes"]
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert "needs an integer 'bytes'" in check_checkpoint(storage, second)
+    assert latest_checkpoint(storage, RUN) == first
 
 
 def test_half_written_checkpoint_is_ignored(storage):

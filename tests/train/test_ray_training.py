@@ -37,11 +37,24 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert manifest["num_rows"] == first["items"] + 1
     printed = pipeline.format_summary(first)
     assert "r@200 vs MostPop" in printed and first["checkpoint"] in printed
+    assert printed.startswith("trained epochs 1..1")
+    saved = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    assert saved["metrics"] == metrics and saved["most_pop"] == first["most_pop"]
+
+    # The same command again: nothing left to train, and it says so with the saved figures.
+    again = pipeline.run(smoke_job(tmp_path))
+    assert again["already_complete"] and again["metrics"] == metrics
+    assert "already complete: nothing trained now" in pipeline.format_summary(again)
+    # Another model under the same run name is refused before any work, naming the difference.
+    with pytest.raises(ValueError, match="name: 'hrnn' there, 'gru4rec' here.*--run-name"):
+        pipeline.run(smoke_job(tmp_path, "--model", "gru4rec"))
 
     # A new job with 2 epochs finds the 1-epoch checkpoint and trains only the second epoch.
     second = pipeline.run(smoke_job(tmp_path, "--epochs", "2"))
     assert second["metrics"]["epoch"] == 2
     assert second["metrics"]["step"] == 2 * metrics["step"]
+    assert pipeline.format_summary(second).startswith(f"resumed from {first['checkpoint']}; "
+                                                      f"trained epochs 2..2")
     assert checkpoint.latest_checkpoint(job.config.storage, "smoke") == second["checkpoint"]
     before = checkpoint.gather_full_table(job.config.storage, first["checkpoint"])
     after = checkpoint.gather_full_table(job.config.storage, second["checkpoint"])
