@@ -58,6 +58,12 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--keep-last": ("storage.keep_last", int, "checkpoints to keep"),
     "--run-name": ("run_name", str, "name of the run: its directory under --storage"),
     "--strict": ("data.strict", bool, "fail on the first bad input row instead of quarantining it"),
+    "--test-users": ("data.test_users", int, "held-out users for the TDM evaluation"),
+    "--users": ("generate.num_users", int, "generated data: number of users (ignored when "
+                "--events names a file; --smoke-test: a tiny world)"),
+    "--items": ("generate.num_items", int, "generated data: catalog size"),
+    "--num-events": ("generate.num_events", int, "generated data: number of events "
+                     "(`dist-rec generate` calls this count --events)"),
 }
 
 
@@ -86,9 +92,7 @@ non-AWS S3 (MinIO, moto).
 """
 
 
-def add_train_arguments(parser: argparse.ArgumentParser,
-                        synthetic_sizes: dict[str, tuple[int, int]] | None = None) -> None:
-    """train's options. synthetic_sizes: flag -> (main job's default, --smoke-test's default)."""
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = JobConfig().to_dict()
     choices = flag_choices()
     for flag, (path, kind, text) in TRAIN_FLAGS.items():
@@ -111,18 +115,8 @@ def add_train_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit")
     parser.add_argument("--smoke-test", action="store_true",
-                        help="a tiny configuration of the same path (< 1 minute)")
-    sizes = synthetic_sizes or {}
-    for flag, text, note in (("--users", "number of users", ""),
-                             ("--items", "catalog size", ""),
-                             ("--num-events", "number of events",
-                              "; `dist-rec generate` calls this count --events")):
-        default = (f"default {sizes[flag][0]:,}, --smoke-test {sizes[flag][1]:,}; "
-                   if flag in sizes else "")
-        parser.add_argument(flag, type=int, help=f"generated data: {text} ({default}ignored when "
-                            f"--events names a file){note}")
-    parser.add_argument("--test-users", type=int, default=None,
-                        help="held-out users for the TDM evaluation (default 2000; smoke 200)")
+                        help="a tiny configuration of the same path (< 1 minute); "
+                        "--smoke-test --print-config shows it")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or an "
                         "embedded local Ray)")
 
@@ -178,9 +172,6 @@ def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
     from dist_rec.data import synthetic
     from dist_rec.train import pipeline
 
-    sizes = {flag: (getattr(pipeline.DEMO, name), getattr(pipeline.SMOKE, name))
-             for flag, name in (("--users", "num_users"), ("--items", "num_items"),
-                                ("--num-events", "num_events"))}
     parser = argparse.ArgumentParser(prog="dist-rec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,12 +187,12 @@ def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
         "WORK_DIR/prepared-RUN_NAME\nand print that path. Takes train's options; only the data "
         "ones matter.\n(train prepares the data again itself.)",
         epilog=S3_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(prepare, sizes)
+    add_train_arguments(prepare)
     train = commands.add_parser(
         "train", help="prepare, train on Ray, evaluate (TDM p@200/r@200) against MostPop",
         description=pipeline.__doc__, epilog=S3_HELP, prog=train_prog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(train, sizes)
+    add_train_arguments(train)
     return parser
 
 

@@ -28,6 +28,7 @@ class DataConfig:
     num_delta_buckets: int = 32          # log2 buckets of the gap to the next event; 0 = padding
     window_length: int = 32              # T: (input, target) pairs per training window
     rows_per_shard: int = 100_000        # windows per Parquet shard
+    test_users: int = 2_000              # held out for the TDM evaluation (users with 10+ events)
     strict: bool = False                 # first bad row raises instead of being quarantined
     # Metadata for HRNN-meta (Parquet events; see data/features.py):
     carry_values: bool = False           # the events' `value` into the windows (feedback, value head)
@@ -40,6 +41,17 @@ class DataConfig:
             if isinstance(getattr(self, name), str):   # ("a") is "a": a likely slip
                 raise TypeError(f"DataConfig.{name}: a list of column names, got the string "
                                 f"{getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sizes of the Taobao-like events generated when DataConfig.events_uri is empty
+    (data.synthetic.SyntheticConfig keeps its other settings; its seed is TrainConfig.seed)."""
+
+    num_users: int = 100_000
+    num_items: int = 1_000_000
+    num_categories: int = 2_000
+    num_events: int = 3_000_000
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class JobConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     run_name: str = "taobao_hrnn"
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
@@ -161,4 +174,4 @@ def _build(cls: type, value: dict[str, Any]) -> Any:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "sampler": SamplerConfig,
-             "train": TrainConfig, "storage": StorageConfig}
+             "train": TrainConfig, "storage": StorageConfig, "generate": GenerateConfig}

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dist_rec.cli import build_parser, main
+from dist_rec.cli import build_parser, config_from_args, main
+from dist_rec.train.pipeline import JobSpec
 from dist_rec.losses import LOSSES
 from dist_rec.models import registered_models
 
@@ -49,3 +50,19 @@ def test_the_job_script_usage_names_the_script(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"], train_prog="python jobs/taobao_hrnn.py")
     assert capsys.readouterr().out.startswith("usage: python jobs/taobao_hrnn.py ")
+
+
+def test_a_printed_config_reproduces_the_job(tmp_path, capsys):
+    """--print-config holds everything the job reads: the generated world's sizes and the
+    held-out users too, so --config alone gives the same job as the flags that printed it."""
+    flags = ["train", "--smoke-test", "--users", "1500", "--test-users", "120"]
+    assert main([*flags, "--print-config"]) == 0
+    (tmp_path / "run.json").write_text(capsys.readouterr().out)
+
+    def job(argv):
+        return JobSpec.from_args(build_parser().parse_args(argv), config_from_args)
+
+    expected, reloaded = job(flags), job(["train", "--config", str(tmp_path / "run.json")])
+    assert reloaded == expected
+    assert (reloaded.synthetic.num_users, reloaded.synthetic.num_items) == (1_500, 5_000)
+    assert reloaded.config.data.test_users == 120

@@ -32,35 +32,30 @@ from dist_rec.train.launch import ensure_ray, run_training
 
 logger = logging.getLogger(__name__)
 
-DEMO = synthetic.SyntheticConfig(num_users=100_000, num_items=1_000_000, num_events=3_000_000)
-SMOKE = synthetic.SyntheticConfig(num_users=2_000, num_items=5_000, num_categories=50,
-                                  num_events=60_000)
 SMOKE_OVERRIDES = {"model": {"hidden_dim": 32, "embedding_dim": 32},
                    "sampler": {"num_negatives": 256},
-                   "train": {"epochs": 1, "batch_size": 128}}
+                   "train": {"epochs": 1, "batch_size": 128},
+                   "data": {"test_users": 200},
+                   "generate": {"num_users": 2_000, "num_items": 5_000, "num_categories": 50,
+                                "num_events": 60_000}}
 
 
 @dataclass(frozen=True)
 class JobSpec:
     config: JobConfig
     synthetic: synthetic.SyntheticConfig | None   # None when --events names real data
-    test_users: int
     ray_address: str | None = None
 
     @staticmethod
     def from_args(args: argparse.Namespace,
                   config_from_args: Callable[[argparse.Namespace, JobConfig], JobConfig]) -> "JobSpec":
         base = JobConfig()
-        data = SMOKE if args.smoke_test else DEMO
         if args.smoke_test:
             base = base.replace(**SMOKE_OVERRIDES, run_name="smoke")
-        config = config_from_args(args, base)
-        sizes = {"num_users": args.users, "num_items": args.items, "num_events": args.num_events,
-                 "seed": config.train.seed}
-        data = dataclasses.replace(data, **{k: v for k, v in sizes.items() if v is not None})
-        test_users = args.test_users or (200 if args.smoke_test else 2_000)
-        return JobSpec(_absolute(config), None if config.data.events_uri else data, test_users,
-                       args.ray_address)
+        config = _absolute(config_from_args(args, base))
+        generated = (None if config.data.events_uri else synthetic.SyntheticConfig(
+            seed=config.train.seed, **dataclasses.asdict(config.generate)))
+        return JobSpec(config, generated, args.ray_address)
 
 
 def events_uri(job: JobSpec) -> str:
@@ -80,7 +75,7 @@ def events_uri(job: JobSpec) -> str:
 def prepare_data(job: JobSpec) -> PreparedData:
     data = dataclasses.replace(job.config.data, events_uri=events_uri(job))
     out = posixpath.join(data.work_dir, f"prepared-{job.config.run_name}")
-    return prepare(data, out, job.test_users, job.config.train.seed,
+    return prepare(data, out, data.test_users, job.config.train.seed,
                    job.config.storage.storage_options())
 
 
@@ -117,9 +112,9 @@ def run(job: JobSpec) -> dict[str, Any]:
                "most_pop": baseline, "checkpoint": model_metrics["checkpoint"],
                "items": prepared.dimensions.num_items, "train_events": prepared.num_train_events,
                "resumed_from": resume_from, "epochs": [resumed_epoch + 1, config.train.epochs],
-               "seconds": time.perf_counter() - started,
+               "seconds": time.perf_counter() - started, "summary": _summary_uri(config),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    fs, path = filesystem(config.storage, _summary_uri(config))
+    fs, path = filesystem(config.storage, summary["summary"])
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, json.dumps(summary, indent=2).encode())
     return summary
@@ -133,7 +128,7 @@ def _check_same_model(manifest: dict[str, Any], config: JobConfig, where: str) -
     """Refuse, before any work, to resume a checkpoint of another model configuration: its
     weights would not load (or, worse, would load into a model they were not trained for)."""
     saved = (manifest.get("config") or {}).get("model")
-    wanted = config.to_dict()["model"]
+    wanted = json.loads(json.dumps(config.to_dict()["model"]))   # as the manifest stores it
     if saved is not None and saved != wanted:
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(
@@ -185,7 +180,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *([f"next-event value RMSE: {m['value_rmse']:.4f} (rolling average: "
            f"{m['rolling_average_value_rmse']:.4f})"] if "value_rmse" in m else []),
         f"checkpoint: {summary['checkpoint']}",
-        f"summary: {summary['checkpoint'].split('/checkpoints/')[0]}/summary.json",
+        f"summary: {summary['summary']}",
     ]
     return "\n".join(lines)
 
