@@ -226,9 +226,9 @@ def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
 
     Rules: histories with values (a table from build_histories with DataConfig.carry_values);
     each user's last `max_length` known-item events, every event after the first predicted from
-    the events before it (and from the event's item, which the value head reads), `now` unused (the deltas
-    are the real gaps). Returns rmse (over events) and count (events). `model`: a NextItemModel
-    with a value head, or anything with its `hidden` and `predict_values` (e.g.
+    the events before it (and from the event's item, which the value head reads), `now` unused
+    (the deltas are the real gaps). Returns rmse (over events) and count (events). `model`: a
+    NextItemModel with a value head, or anything with its `hidden` and `predict_values` (e.g.
     models.baselines.RollingAverageValues).
     """
     h = as_histories(histories)
@@ -340,8 +340,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
         sampled.append(missed((scores[:, 1:] >= scores[:, :1]).sum(1), rows, num_negatives + 1))
         if full_ranking:
             full.append(missed(ranker.target_ranks(batch, targets[rows]), rows, ranker.num_items))
-            unseen.append(missed(ranker.target_ranks(batch, targets[rows], exclude=interacted[rows]),
-                                 rows, ranker.num_items))
+            unseen_ranks = ranker.target_ranks(batch, targets[rows], exclude=interacted[rows])
+            unseen.append(missed(unseen_ranks, rows, ranker.num_items))
     out = {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"), "count": float(len(users))}
     if full_ranking:
         out.update(rank_metrics(torch.cat(full), ks, prefix="full_"))
@@ -397,7 +397,8 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     `max_length` kept) and the other n - n // 2 the ground truth: all behaviour types, duplicates
     kept. `now` = timestamp of the first ground-truth event. Top-k over the full catalog, seen items
     NOT excluded. Events on unknown items (UNKNOWN_ITEM: items only held-out users touched) count
-    in n and in the ground truth, where no model can hit them, and are left out of the input. Per user, with hits = ground-truth events whose item is in the top k
+    in n and in the ground truth, where no model can hit them, and are left out of the input.
+    Per user, with hits = ground-truth events whose item is in the top k
     (metrics.multi_target_precision_recall): precision@k = hits / k, recall@k = hits / n_truth;
     hr@k = share of users with a hit; ndcg@k and mrr@k score the first ground-truth item at its
     position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).
