@@ -161,7 +161,7 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
                                     convert_options=convert)
         except pa.ArrowInvalid as error:    # e.g. an empty file
             raise ValueError(f"{uri}: {error}") from error
-        for batch in reader:
+        for batch in _naming(uri, reader):
             # This block's rows are the first n rows from next_row that were not skipped.
             skipped = np.array(sorted(w[0] for w in wrong if w[0] >= next_row), np.int64)
             candidates = np.arange(next_row, next_row + batch.num_rows + len(skipped))
@@ -177,6 +177,14 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
         empty = pa.table({name: pa.array([], pa.string()) for name in names})
         no_rows = np.zeros(0, np.int64)
         yield empty, no_rows, _file_lines(empty, no_rows, wrong, next_row, next_line)[1]
+
+
+def _naming(uri: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; an error in a later block (e.g. invalid UTF-8) names the file."""
+    try:
+        yield from batches
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"{uri}: {error}") from error
 
 
 def _file_lines(table: pa.Table, rows: np.ndarray, wrong: list, first_row: int,
@@ -298,10 +306,15 @@ def parquet_columns(uri: str, storage_options: dict | None = None) -> list[str]:
 
 
 def _header(uri: str, delimiter: str, storage_options: dict | None) -> list[str]:
-    # utf-8-sig drops the byte-order mark Excel writes (pyarrow skips it in the data itself).
-    with fsspec.open(uri, "rt", encoding="utf-8-sig", compression="infer",
-                     **(storage_options or {})) as f:
-        line = f.readline().rstrip("\r\n")
+    # Bytes, then only the first line decoded: a text reader would decode a whole buffer and fail
+    # on bad bytes further down, which the CSV reader reports with their row. utf-8-sig drops the
+    # byte-order mark Excel writes (pyarrow skips it in the data itself).
+    with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as f:
+        raw = f.readline()
+    try:
+        line = raw.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{uri}, line 1: the header is not UTF-8 ({error})") from None
     if not line:
         raise ValueError(f"{uri}, line 1: expected a header row of column names")
     return [name.strip().strip('"') for name in line.split(delimiter)]

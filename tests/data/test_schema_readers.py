@@ -122,6 +122,16 @@ def test_header_after_a_byte_order_mark(tmp_path):
     assert columns(events)["user_id"] == [1] and columns(events)["item_id"] == [5]
 
 
+def test_invalid_utf8_past_the_first_block_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 64)
+    rows = [f"{u},{u},100" for u in range(1, 20)]
+    (tmp_path / "e.csv").write_bytes(("user_id,item_id,timestamp\n" + "\n".join(rows)).encode()
+                                     + b"\n1,\xff\xfe,100\n")
+    with pytest.raises(ValueError, match=r"e\.csv: .*UTF8"):
+        read_events(str(tmp_path / "e.csv"), {name: name for name in
+                                              ("user_id", "item_id", "timestamp")})
+
+
 def test_empty_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty.csv: Empty CSV file"):
