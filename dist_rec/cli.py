@@ -178,7 +178,9 @@ def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate", help="write synthetic Taobao-like events",
         description="Write synthetic Taobao-like events. Here --events is the number of events "
-        "(train's --num-events); in train and prepare --events is a file path.")
+        "(train's --num-events); in train and prepare --events is a file path. An s3:// --out "
+        "is reached through the AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+        "~/.aws, and AWS_ENDPOINT_URL for a non-AWS S3).")
     synthetic.add_arguments(generate)
     prepare = commands.add_parser(
         "prepare", help="events -> vocabulary + window shards (train's first step, alone)",

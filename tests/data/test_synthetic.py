@@ -263,6 +263,19 @@ def test_csv_and_hourly_parquet_on_s3(s3_storage):
     _check_hourly(table, dataset, files)
 
 
+@pytest.mark.s3
+def test_generate_command_writes_to_s3_through_the_aws_environment(s3_storage):
+    """`dist-rec generate` has no storage flags: s3fs finds the keys and the endpoint
+    (AWS_ENDPOINT_URL, as for MinIO) in the environment, which the fixture sets."""
+    from dist_rec.cli import main
+
+    assert main(["generate", "--out", s3_storage.uri, "--users", "20", "--items", "2000",
+                 "--categories", "10", "--events", "300", "--hours", "3", "--no-progress"]) == 0
+    read, _ = read_user_behavior(f"{s3_storage.uri}/UserBehavior.csv",
+                                 storage_options=s3_storage.storage_options())
+    assert read.num_rows == 300
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def fail_midway(columns, sink, options):
         sink.write(b"1,2,3,pv,1511568000\n")
