@@ -145,12 +145,13 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     _, staging_root = filesystem(staging, storage_options)
     try:
         _prepare_into(staging, config, test_users, seed, storage_options)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
-        fs.mv(staging_root, root, recursive=True)
-    finally:
+    except BaseException:
         if fs.exists(staging_root):
             fs.rm(staging_root, recursive=True)
+        raise
+    if fs.exists(root):
+        fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
+    fs.mv(staging_root, root, recursive=True)   # if this fails, the complete staging copy stays
     return PreparedData.load(out_uri, storage_options)
 
 
