@@ -1,9 +1,11 @@
 """Does reading the time gap pay on the synthetic Taobao-like world? HRNN vs time-blind GRU4Rec.
 
     python benchmarks/time_gaps.py [--quick] [--write-docs]
+    python benchmarks/time_gaps.py --switch-on-new-session --mean-session-length 3 --steps 3000
 
 One process, no Ray. Generates the world (dist_rec.data.synthetic, default settings but the
-sizes), holds out 10% of the users, trains HRNN and GRU4Rec with the same sizes, loss (sampled
+sizes; optionally shorter sessions and `switch_on_new_session`, where the gap decides whether the
+next session stays in the last category or moves to another favourite), holds out 10% of the users, trains HRNN and GRU4Rec with the same sizes, loss (sampled
 softmax), optimizers, batches and steps, then scores every next event of the held-out users over
 the full catalog (`ModelRanker.step_ranks`: the gap to the event being predicted is known, as it
 is at serving time). NDCG@20 / HR@20 overall and by the gap to the predicted event. Then the
@@ -42,7 +44,9 @@ def world(args) -> tuple[SequenceBatch, SequenceBatch, pa.Table, Dimensions, np.
     """-> train windows, test windows, test histories, dims, training item counts (C+1,),
     category per item (C+1,; -1 for padding)."""
     events = generate_events(SyntheticConfig(seed=args.seed, num_users=args.users, num_items=args.items,
-                                             num_categories=args.items // 100, num_events=args.events),
+                                             num_categories=args.items // 100, num_events=args.events,
+                                             mean_session_length=args.mean_session_length,
+                                             switch_on_new_session=args.switch_on_new_session),
                              progress=False)
     test_users = pa.array(np.arange(1, args.users + 1, 10), pa.int64())
     held_out = pc.is_in(events["user_id"], test_users)
@@ -113,6 +117,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="windows of 32 steps per batch")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mean-session-length", type=float,
+                        default=SyntheticConfig.mean_session_length, help="events per session")
+    parser.add_argument("--switch-on-new-session", action="store_true",
+                        help="a session that does not resume opens in another favourite category: "
+                        "the world where the gap decides the intent")
     parser.add_argument("--quick", action="store_true", help="tiny world, few steps: checks the script")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the time_gaps section of docs/results.md")
     args = parser.parse_args()
@@ -144,7 +153,10 @@ def docs_section(args, run, dims, results, seconds, table2) -> str:
 
 `{run['command']}` on {run['date']}; {run['cpu']}, {run['cores']} cores, torch {run['torch']}, load
 {run['load_start']:.1f} → {run['load_end']:.1f}. World: {args.users:,} users, {args.events:,} events,
-{dims.num_items:,} items with training events; 10% of the users held out. Both models: item vectors
+{dims.num_items:,} items with training events, sessions of {args.mean_session_length:g} events on
+average, {"a session that does not resume opening in another favourite category" if
+args.switch_on_new_session else "sessions opening in a favourite category by taste"}; 10% of the
+users held out. Both models: item vectors
 and state {args.hidden}, sampled softmax (K = {args.negatives}), the same {args.steps:,} batches of
 {args.batch} windows x 32 steps (wall seconds HRNN {seconds['hrnn']:.0f}, GRU4Rec {seconds['gru4rec']:.0f}: other jobs' load varies
 during a run, so this is no speed comparison; benchmarks/ has those). Every next

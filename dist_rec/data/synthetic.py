@@ -10,6 +10,8 @@ The story (vectorised across users with numpy; the only Python loop walks event 
 - A session opens in a favourite category (sometimes any category) on an item popular *now*,
   unless the user comes back soon: then, with a probability decaying with the gap, it resumes the
   previous session. After a long gap the taste matters, after a short one the last item does.
+  With `switch_on_new_session` a session that does not resume opens in another of the user's
+  favourite categories (uniformly), so the gap decides the intent: same category or another one.
 - Inside a session the next new item is, with probability `successor_prob`, one of the previous
   item's fixed successors (slots of its category drawn by weight), else a popular item of the
   session's category.
@@ -77,6 +79,7 @@ class SyntheticConfig:
     categories_per_user: int = 4
     taste_concentration: float = 0.5        # Dirichlet alpha over a user's favourite categories
     explore_prob: float = 0.1               # session opens in a random category instead
+    switch_on_new_session: bool = False     # a session that does not resume changes favourite
     successor_weights: tuple[float, ...] = (0.6, 0.3, 0.1)  # choice among an item's successors
     successor_prob: float = 0.7             # next new item in a session is a successor
     resume_prob: float = 0.8                # P(resume previous session) at gap 0 ...
@@ -272,15 +275,32 @@ def _session_categories(config: SyntheticConfig, timeline: _Timeline, catalog: _
     category_cdf = catalog.slot_cumulative[catalog.category_range[1:]]
     favourites = _draw(category_cdf, rng.random((users, k)))
     taste_cdf = np.cumsum(rng.dirichlet(np.full(k, config.taste_concentration), size=users), axis=1)
-    chosen = np.minimum((rng.random((sessions, 1)) >= taste_cdf[timeline.session_user]).sum(axis=1), k - 1)
-    category = favourites[timeline.session_user, chosen]
+    uniforms = rng.random((sessions, 1))    # which favourite: by taste, or the switch's step
     explore = rng.random(sessions) < config.explore_prob
-    category[explore] = _draw(category_cdf, rng.random(int(explore.sum())))
+    explored = _draw(category_cdf, rng.random(int(explore.sum())))
     resume_prob = config.resume_prob * np.exp(-timeline.session_gap / (config.resume_decay_hours * 3600))
     resumed = rng.random(sessions) < resume_prob
+    if config.switch_on_new_session:
+        chosen = _switching_favourites(timeline.session_user, resumed, uniforms[:, 0], k)
+    else:
+        chosen = np.minimum((uniforms >= taste_cdf[timeline.session_user]).sum(axis=1), k - 1)
+    category = favourites[timeline.session_user, chosen]
+    category[explore] = explored
     # A resumed session keeps the category of the last session that was not resumed.
     source = np.maximum.accumulate(np.where(resumed, 0, np.arange(sessions)))
     return category[source], resumed
+
+
+def _switching_favourites(session_user: np.ndarray, resumed: np.ndarray, uniforms: np.ndarray,
+                          k: int) -> np.ndarray:
+    """(S,) favourite index per session: a user's first session draws one of k uniformly, each
+    later one that does not resume moves 1..k-1 places on (mod k), a resumed one stays."""
+    first = np.r_[True, session_user[1:] != session_user[:-1]]
+    step = np.where(first, np.floor(uniforms * k), 1 + np.floor(uniforms * (k - 1))).astype(np.int64)
+    step[resumed & ~first] = 0
+    total = np.cumsum(step)
+    user_start = np.maximum.accumulate(np.where(first, np.arange(len(step)), 0))
+    return (total - total[user_start] + step[user_start]) % k
 
 
 def generate_events(config: SyntheticConfig, progress: bool = True) -> pa.Table:

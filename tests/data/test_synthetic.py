@@ -263,6 +263,24 @@ def test_csv_and_hourly_parquet_on_s3(s3_storage):
     _check_hourly(table, dataset, files)
 
 
+@pytest.mark.parametrize("switch", [False, True])
+def test_switch_on_new_session_changes_the_favourite_unless_resumed(switch):
+    config = SyntheticConfig(num_users=300, num_items=20_000, num_categories=400, num_events=30_000,
+                             explore_prob=0.0, switch_on_new_session=switch)
+    rng = np.random.default_rng(config.seed)          # the draws generate_events makes first
+    catalog, timeline = synthetic._catalog(config, rng), synthetic._timeline(config, rng)
+    category, resumed = synthetic._session_categories(config, timeline, catalog, rng)
+    same_user = timeline.session_user[1:] == timeline.session_user[:-1]
+    kept = category[1:] == category[:-1]
+    assert kept[same_user & resumed[1:]].all()
+    fresh = kept[same_user & ~resumed[1:]]
+    assert len(fresh) > 500
+    if switch:   # another favourite; two favourites of a user rarely share a category
+        assert fresh.mean() < 0.03
+    else:        # by taste: Dirichlet(0.5) over 4 favourites repeats often
+        assert fresh.mean() > 0.3
+
+
 @pytest.mark.s3
 def test_generate_command_writes_to_s3_through_the_aws_environment(s3_storage):
     """`dist-rec generate` has no storage flags: s3fs finds the keys and the endpoint
