@@ -54,18 +54,13 @@ def storage_path(config: JobConfig) -> tuple[str, Any]:
     return path, fs
 
 
-def run_training(config: JobConfig, prepared_uri: str, resume_from: str | None,
-                 max_failures: int = 2) -> ray.train.Result:
-    """Train `config` on the prepared data at `prepared_uri`, starting from the checkpoint
-    `resume_from` (None: from scratch; retries inside the job resume from their newest one);
-    returns Ray's Result."""
+def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
+    """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result. Every
+    attempt, the first and each retry, resumes from the run's newest verified checkpoint."""
     path, fs = storage_path(config)
-    if resume_from:
-        logger.info("resuming %s from %s", config.run_name, resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": config.to_dict(), "prepared_uri": prepared_uri,
-                           "resume_from": resume_from},
+        train_loop_config={"job": config.to_dict(), "prepared_uri": prepared_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker}),

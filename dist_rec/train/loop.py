@@ -58,11 +58,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
 
     position = {"step": 0, "epoch": 0}
-    resume_path = loop_config.get("resume_from")
-    if ray.train.get_checkpoint() is not None:
-        # A retry inside this job. Ray's checkpoint is the last one reported, which can be older
-        # than our newest commit (a worker may die between commit and report): take ours.
-        resume_path = _newest_checkpoint(config, rank, world_size)
+    # Not ray.train.get_checkpoint(): on a retry it is the last checkpoint *reported*, which can
+    # be older than our newest commit (a worker may die between the commit and the report).
+    resume_path = _newest_checkpoint(config, rank, world_size)
     if resume_path:
         position = state.restore(config, resume_path, model.encoder, model.tables, optimizers,
                                  generator, prepared.vocab_hash)

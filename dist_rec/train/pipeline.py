@@ -98,7 +98,7 @@ def run(job: JobSpec) -> dict[str, Any]:
             return {**_load_summary(config, resume_from), "already_complete": True}
     prepared = prepare_data(job)
     ensure_ray(job.ray_address)
-    result = run_training(config, prepared.uri, resume_from)
+    result = run_training(config, prepared.uri)
     if result.error:
         raise result.error
     model_metrics = {k: v for k, v in result.metrics.items()}

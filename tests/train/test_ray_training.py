@@ -135,3 +135,53 @@ def test_synthetic_events_are_regenerated_when_the_generator_changes(tmp_path, m
     monkeypatch.setattr(synthetic, "__file__", str(changed))
     second = pipeline.events_uri(job)
     assert second != first and Path(second).exists() and Path(first).exists()
+
+
+def _train_worker_pids() -> list[int]:
+    """Processes of Ray Train's workers (Ray names them ray::RayTrainWorker...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_worker_killed_mid_job_resumes_from_the_newest_checkpoint(ray_cluster, tmp_path):
+    """SIGKILL one of the 2 workers once the first epoch's checkpoint is committed: Ray restarts
+    the group, which resumes from the run's newest verified checkpoint, not from scratch (the
+    kill may come before Ray registered that checkpoint), and the job ends with every epoch
+    trained once (the steps of 3 uninterrupted epochs)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    job = smoke_job(tmp_path, "--epochs", "3")
+    killed: list[tuple[str, bytes]] = []      # the newest commit at the kill, its manifest
+
+    def kill_after_first_commit() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            newest = checkpoint.latest_checkpoint(job.config.storage, "smoke", verify=False)
+            pids = _train_worker_pids()
+            if newest and pids:
+                manifest = (Path(newest) / "manifest.json").read_bytes()
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append((newest, manifest))
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_commit, daemon=True)
+    killer.start()
+    result = pipeline.run(job)
+    killer.join(timeout=1)
+    assert killed, "no worker was killed: the test did not test anything"
+    # The retry resumed from that commit: it never wrote that step again.
+    newest, manifest = killed[0]
+    assert (Path(newest) / "manifest.json").read_bytes() == manifest
+    steps_per_epoch = result["metrics"]["step"] // 3
+    assert result["metrics"]["epoch"] == 3 and result["metrics"]["step"] == 3 * steps_per_epoch
+    manifest = checkpoint.read_manifest(job.config.storage, result["checkpoint"])
+    assert manifest["epoch"] == 3 and manifest["step"] == result["metrics"]["step"]
