@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -149,10 +150,28 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
         if fs.exists(staging_root):
             fs.rm(staging_root, recursive=True)
         raise
+    _publish(fs, staging_root, root)
+    return PreparedData.load(out_uri, storage_options)
+
+
+def _publish(fs: fsspec.AbstractFileSystem, staging_root: str, root: str) -> None:
+    """Replace `root` with the complete preparation in `staging_root`.
+
+    Locally this is one rename. On object storage a move is a copy per object, so the staging
+    copy is copied with meta.json last (its presence marks a complete preparation) and deleted
+    only after: a failure in between leaves `root` without meta.json, which `load` refuses, and
+    the complete staging copy in place.
+    """
     if fs.exists(root):
         fs.rm(root, recursive=True)   # a fresh preparation never mixes with an older one
-    fs.mv(staging_root, root, recursive=True)   # if this fails, the complete staging copy stays
-    return PreparedData.load(out_uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(staging_root, root, recursive=True)
+        return
+    meta = posixpath.join(staging_root, "meta.json")
+    data = [path for path in fs.find(staging_root) if path != meta]
+    fs.copy(data, [root + path[len(staging_root):] for path in data])
+    fs.copy(meta, posixpath.join(root, "meta.json"))
+    fs.rm(staging_root, recursive=True)
 
 
 def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,

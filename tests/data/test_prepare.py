@@ -3,6 +3,7 @@ features, request contexts and event values."""
 from __future__ import annotations
 
 import bz2
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 from dist_rec.config import DataConfig
 from dist_rec.data.prepare import PreparedData, prepare
 from dist_rec.data.vocab import UNKNOWN_ITEM
+from dist_rec.storage import filesystem
 
 
 def test_prepared_data_round_trip_with_item_categories(tmp_path):
@@ -130,3 +132,38 @@ def test_parquet_without_optional_columns_and_a_compressed_csv(tmp_path):
                                     window_length=4), str(tmp_path / "from-csv"), test_users=1, seed=0)
     assert compressed.vocabulary().hash == prepared.vocabulary().hash
     assert compressed.dimensions.item_feature_sizes == (1,)   # category_id 7
+
+
+def test_on_object_storage_a_preparation_is_complete_or_refused(s3_storage, tmp_path):
+    """On S3 the final move is a copy per object: meta.json goes last, so a failure mid-copy
+    leaves an output that `load` refuses and the complete staging copy beside it."""
+    rows = [f"{user},{item},1,pv,{100 * user + item}" for user in range(1, 4) for item in range(1, 12)]
+    csv = tmp_path / "UserBehavior.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    options = s3_storage.storage_options()
+    out = f"{s3_storage.uri}/prepared"
+    config = DataConfig(events_uri=str(csv), window_length=4)
+    published = prepare(config, out, test_users=1, seed=0, storage_options=options)
+    fs, root = filesystem(out, options)
+    assert fs.ls(posixpath.dirname(root), detail=False) == [root]       # no staging copy left
+
+    copy_object = fs._cp_file
+
+    async def copy_failing_on_windows(source, destination, **kwargs):
+        if destination.startswith(f"{root}/windows/"):       # publishing, not staging
+            raise OSError("injected: storage unavailable")
+        return await copy_object(source, destination, **kwargs)
+
+    fs._cp_file = copy_failing_on_windows                # each object's copy, whatever the order
+    try:
+        with pytest.raises(OSError, match="injected"):
+            prepare(config, out, test_users=1, seed=0, storage_options=options)
+    finally:
+        del fs._cp_file
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        PreparedData.load(out, options)
+    staging = [p for p in fs.ls(posixpath.dirname(root), detail=False) if ".staging-" in p]
+    assert len(staging) == 1
+    kept = PreparedData.load(f"s3://{staging[0]}", options)
+    assert kept.vocabulary().hash == published.vocabulary().hash
+    assert kept.test_histories().equals(published.test_histories())

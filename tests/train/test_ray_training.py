@@ -108,10 +108,12 @@ def test_cli_config_round_trip(tmp_path, capsys):
 
 @pytest.mark.s3
 def test_smoke_job_checkpoints_to_s3_and_a_new_job_resumes_from_there(ray_cluster, tmp_path, s3_storage):
-    """The same path with storage on a real S3 API (moto on 127.0.0.1): Ray Train's run state and
-    our checkpoints go to the bucket, and the second job restores from it, not from local disk.
-    Credentials reach the Ray workers through the config (the cluster started without them)."""
-    s3 = ["--storage", s3_storage.uri, "--s3-endpoint", s3_storage.endpoint_url,
+    """The same path with everything on a real S3 API (moto on 127.0.0.1): the generated events,
+    the prepared data the workers stream, Ray Train's run state and our checkpoints go to the
+    bucket, and the second job restores from it, not from local disk. Credentials reach the Ray
+    workers through the config (the cluster started without them)."""
+    s3 = ["--storage", s3_storage.uri, "--work-dir", f"{s3_storage.uri}/data",
+          "--s3-endpoint", s3_storage.endpoint_url,
           "--set", f"storage.key={s3_storage.key}", "--set", f"storage.secret={s3_storage.secret}",
           "--set", f"storage.region={s3_storage.region}"]
     first = pipeline.run(smoke_job(tmp_path, *s3))
@@ -123,7 +125,7 @@ def test_smoke_job_checkpoints_to_s3_and_a_new_job_resumes_from_there(ray_cluste
     assert second["metrics"]["epoch"] == 2
     assert second["metrics"]["step"] == 2 * first["metrics"]["step"]       # only epoch 2 was trained
     assert checkpoint.latest_checkpoint(s3_storage, "smoke") == second["checkpoint"]
-    assert not (tmp_path / "runs").exists()                                 # nothing went to local disk
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # all in S3
 
 
 def test_synthetic_events_are_regenerated_when_the_generator_changes(tmp_path, monkeypatch):
