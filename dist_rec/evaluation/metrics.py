@@ -13,6 +13,9 @@ from typing import Iterable
 
 import torch
 
+# The rank of a target no model can score (an item unknown to the vocabulary): a miss at any k.
+NEVER_RANKED = torch.iinfo(torch.int64).max
+
 
 def _ranks(ranks) -> torch.Tensor:
     ranks = torch.as_tensor(ranks)

@@ -30,7 +30,8 @@ from dist_rec.config import DataConfig
 from dist_rec.data.sequences import history_batch
 from dist_rec.data.vocab import UNKNOWN_ITEM
 from dist_rec.evaluation.histories import Histories, as_histories
-from dist_rec.evaluation.metrics import multi_target_precision_recall, rank_metrics
+from dist_rec.evaluation.metrics import (NEVER_RANKED, multi_target_precision_recall,
+                                         rank_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def _negatives(rng: np.random.Generator, interacted: list[np.ndarray], num_items
     each user's interacted items (rejection: redraw the rejected ones until none is left)."""
     seen = [np.unique(x) for x in interacted]
     for row, x in enumerate(seen):
-        if x[-1] > num_items or x[0] < 1:
+        if len(x) and (x[-1] > num_items or x[0] < 1):
             raise ValueError(f"leave-one-out: user row {row} has an item id outside 1..{num_items}")
         if len(x) >= num_items:
             raise ValueError(f"leave-one-out: user row {row} interacted with every item")
@@ -301,15 +302,17 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     qualify, that many are drawn uniformly without replacement (numpy Generator seeded with
     `seed`). (a) sampled: candidates = the target + `num_negatives` (100) items drawn uniformly with
     replacement from the items the user NEVER interacted with (train, valid and test: so neither
-    the held-out items nor any seen item is ever a negative); rank = #{negatives scoring >= the
-    target} among the 101. (b) full: rank over the whole catalog. (c) full_unseen: rank over the
+    the held-out items nor any seen item is ever a negative; SASRec's own code excludes the
+    training items only, so its valid item, 1 in ~23k a draw on Amazon, can be a negative);
+    rank = #{negatives scoring >= the target} among the 101. (b) full: rank over the whole catalog. (c) full_unseen: rank over the
     items the user never interacted with, the population (a) samples its negatives from, so
     items the user already has (which a recommender would filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count. Same seed, same users and negatives (whatever the batch size).
     `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection
     that reads the sampled figures only; (a) is unchanged. A target on an unknown item
-    (UNKNOWN_ITEM) is a miss in (a), (b) and (c); unknown items are never inputs or negatives.
+    (UNKNOWN_ITEM) is a miss at every k in (a), (b) and (c) (rank NEVER_RANKED); unknown items
+    are never inputs or negatives.
     """
     if target not in ("test", "valid"):
         raise ValueError(f"user_leave_one_out: target must be 'test' or 'valid', got {target!r}")
@@ -330,18 +333,18 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     interacted = pad_sequence([torch.as_tensor(x) for x in interacted], batch_first=True)  # (U, M)
     sampled, full, unseen = [], [], []
 
-    def missed(ranks: torch.Tensor, rows: np.ndarray, past_the_end: int) -> torch.Tensor:
-        return torch.where(known[rows], ranks, past_the_end)
+    def missed(ranks: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return torch.where(known[rows], ranks, NEVER_RANKED)
 
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, f"leave-one-out {target}", goal.request_contexts()):
         candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
         scores = ranker.candidate_scores(batch, candidates)
-        sampled.append(missed((scores[:, 1:] >= scores[:, :1]).sum(1), rows, num_negatives + 1))
+        sampled.append(missed((scores[:, 1:] >= scores[:, :1]).sum(1), rows))
         if full_ranking:
-            full.append(missed(ranker.target_ranks(batch, targets[rows]), rows, ranker.num_items))
+            full.append(missed(ranker.target_ranks(batch, targets[rows]), rows))
             unseen_ranks = ranker.target_ranks(batch, targets[rows], exclude=interacted[rows])
-            unseen.append(missed(unseen_ranks, rows, ranker.num_items))
+            unseen.append(missed(unseen_ranks, rows))
     out = {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"), "count": float(len(users))}
     if full_ranking:
         out.update(rank_metrics(torch.cat(full), ks, prefix="full_"))

@@ -92,7 +92,10 @@ class NextItemModel(nn.Module):
         return self.tables if make_scorer is None else make_scorer(self.tables)
 
     def hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        return self.encoder(batch, self.tables.embed(batch.items))
+        """(B, T, D); padding steps are zeros whatever the encoder computed there, so a row with
+        no real step (every event on an unknown item) scores the item biases alone at any width."""
+        hidden = self.encoder(batch, self.tables.embed(batch.items))
+        return hidden.masked_fill((batch.items == 0).unsqueeze(-1), 0.0)
 
     def auxiliary_loss(self, batch: SequenceBatch, hidden: torch.Tensor) -> torch.Tensor | None:
         """An encoder's own training term added to the ranking loss (HRNN-meta's value head), or

@@ -188,14 +188,16 @@ def test_leave_one_out_sampled_only_skips_the_catalog():
 
 def test_leave_one_out_unknown_items_are_misses_never_inputs():
     ranker = Successor()
-    out = user_leave_one_out(ranker, [[1, UNKNOWN_ITEM, 2, 3], [1, 2, 3, UNKNOWN_ITEM]],
-                             ks=[1, 6, 101], progress=False)
-    # [1, ?, 2] reads as [1, 2] -> 3: rank 0. The second user's target is unknown: a miss in every
-    # ranking, even at cutoffs that cover the whole catalog or all 101 candidates.
-    assert real_inputs(ranker.batches[0]) == [[1, 2], [1, 2, 3]]
-    for name in ("sampled_hr@1", "sampled_hr@101", "full_hr@1", "full_hr@6", "full_unseen_hr@6"):
-        assert out[name] == 0.5, name
-    assert set(ranker.candidates[0][1, 1:].tolist()) <= {4, 5, 6}
+    out = user_leave_one_out(ranker, [[1, UNKNOWN_ITEM, 2, 3], [1, 2, 3, UNKNOWN_ITEM],
+                                      [UNKNOWN_ITEM] * 3], ks=[1, 6, 101, 10**6], progress=False)
+    # [1, ?, 2] reads as [1, 2] -> 3: rank 0. The second user's target is unknown, and so is
+    # everything of the third: misses in every ranking, even at cutoffs beyond the whole catalog
+    # or all 101 candidates.
+    assert real_inputs(ranker.batches[0]) == [[], [1, 2], [1, 2, 3]]
+    for name in ("sampled_hr@1", "sampled_hr@101", "sampled_hr@1000000", "full_hr@1", "full_hr@6",
+                 "full_unseen_hr@6", "full_unseen_ndcg@1000000"):
+        assert out[name] == pytest.approx(1 / 3), name
+    assert set(ranker.candidates[0][2, 1:].tolist()) <= {4, 5, 6}
 
 
 def test_tdm_unknown_items_count_in_the_ground_truth_and_never_hit():

@@ -90,6 +90,11 @@ def test_left_padding_changes_nothing():
     padded = SequenceBatch(**{name: pad(value) if value.dim() == 2 else value
                               for name, value in batch.__dict__.items()})
     torch.testing.assert_close(model.hidden(padded)[:, 2:], model.hidden(batch), rtol=0, atol=1e-6)
+    # A row with no real step reads zeros at any width: before NextItemModel zeroed padding
+    # steps, the GRU ran over the padding and the output drifted with the batch's width.
+    for width in (1, 5, 20):
+        empty = batch_of(torch.zeros(1, width, dtype=torch.int64), batch.users[:1])
+        assert torch.equal(model.hidden(empty), torch.zeros(1, width, 6)), width
 
 
 def test_decoder_mixes_id_and_feature_scores_by_lambda():

@@ -73,7 +73,14 @@ def test_shapes_causality_and_padding(name, options):
     padded_items = torch.cat([torch.zeros(4, 3, dtype=torch.int64), batch.items], dim=1)
     padded = make_batch(padded_items, batch.users,
                         torch.cat([torch.zeros(4, 3, dtype=torch.bool), batch.session_starts], 1))
-    torch.testing.assert_close(model.hidden(padded)[:, 3:], hidden, rtol=0, atol=1e-6)
+    hidden_padded = model.hidden(padded)
+    torch.testing.assert_close(hidden_padded[:, 3:], hidden, rtol=0, atol=1e-6)
+    # Padding steps output zeros, so a row with no real step (a user whose every event is on an
+    # unknown item) reads the same at any batch width.
+    assert torch.equal(hidden_padded[:, :3], torch.zeros(4, 3, 10))
+    empty = make_batch(torch.zeros(1, 6, dtype=torch.int64), batch.users[:1],
+                       torch.zeros(1, 6, dtype=torch.bool))
+    assert torch.equal(model.hidden(empty), torch.zeros(1, 6, 10))
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
