@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from dist_rec.config import DataConfig
 from dist_rec.data.features import EventFields, FieldCodes, newest_codes

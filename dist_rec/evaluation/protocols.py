@@ -304,9 +304,10 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     replacement from the items the user NEVER interacted with (train, valid and test: so neither
     the held-out items nor any seen item is ever a negative; SASRec's own code excludes the
     training items only, so its valid item, 1 in ~23k a draw on Amazon, can be a negative);
-    rank = #{negatives scoring >= the target} among the 101. (b) full: rank over the whole catalog. (c) full_unseen: rank over the
-    items the user never interacted with, the population (a) samples its negatives from, so
-    items the user already has (which a recommender would filter) do not compete. Ties count
+    rank = #{negatives scoring >= the target} among the 101. (b) full: rank over the whole
+    catalog. (c) full_unseen: rank over the items the user never interacted with, the population
+    (a) samples its negatives from, so items the user already has (which a recommender would
+    filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count. Same seed, same users and negatives (whatever the batch size).
     `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection

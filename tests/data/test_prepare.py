@@ -40,10 +40,16 @@ def test_prepared_data_round_trip_with_item_categories(tmp_path):
     assert prepared.test_histories()["items"].to_pylist() == [[2] * 9 + [UNKNOWN_ITEM]]
 
 
-def test_a_failed_preparation_leaves_the_previous_one(tmp_path):
+def three_users_csv(tmp_path):
+    """UserBehavior.csv of users 1-3 with 11 page views each (items 1-11)."""
     rows = [f"{user},{item},1,pv,{100 * user + item}" for user in range(1, 4) for item in range(1, 12)]
     csv = tmp_path / "UserBehavior.csv"
     csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def test_a_failed_preparation_leaves_the_previous_one(tmp_path):
+    csv = three_users_csv(tmp_path)
     out = str(tmp_path / "prepared")
     before = prepare(DataConfig(events_uri=str(csv), window_length=4), out, test_users=1, seed=0)
 
@@ -137,9 +143,7 @@ def test_parquet_without_optional_columns_and_a_compressed_csv(tmp_path):
 def test_on_object_storage_a_preparation_is_complete_or_refused(s3_storage, tmp_path):
     """On S3 the final move is a copy per object: meta.json goes last, so a failure mid-copy
     leaves an output that `load` refuses and the complete staging copy beside it."""
-    rows = [f"{user},{item},1,pv,{100 * user + item}" for user in range(1, 4) for item in range(1, 12)]
-    csv = tmp_path / "UserBehavior.csv"
-    csv.write_text("\n".join(rows) + "\n")
+    csv = three_users_csv(tmp_path)
     options = s3_storage.storage_options()
     out = f"{s3_storage.uri}/prepared"
     config = DataConfig(events_uri=str(csv), window_length=4)
