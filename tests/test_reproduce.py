@@ -95,6 +95,9 @@ def test_end_to_end_on_tiny_files(tmp_path, monkeypatch):
     assert (trained["recipe"]["sparse_lr"], by["amazon", "gru4rec"]["recipe"]["sparse_lr"]) == (0.05, 0.2)
     assert reproduce.recipe("amazon", "sasrec", reproduce.parse_args(["--sparse-lr", "0.1"]).sparse_lr
                             ).sparse_lr == 0.1
+    # Negatives q ∝ count^alpha: 0.75 on YooChoose, 0.25 on Amazon; --alpha overrides; recorded.
+    assert (trained["sampler"]["alpha"], by["amazon", "gru4rec"]["sampler"]["alpha"]) == (0.75, 0.25)
+    assert reproduce._sampler(reproduce.parse_args(["--alpha", "0.5"]), "bce", "amazon").alpha == 0.5
     assert 0.0 <= trained["test"]["hr@20"] <= 1.0 and trained["events_per_second"] > 0
     assert len(results.read_text().splitlines()) == 5
     assert all(r["code"] for r in records)                      # the commit the code came from
