@@ -45,6 +45,16 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _ordered_ingest() -> "ray.data.ExecutionOptions":
+    """Ray Train's ingest options with preserve_order: the shards' blocks then reach the
+    streaming split in file order and are dealt to the workers by a fixed rule, so a seed gives
+    the same batches on every rank in every run. Without it each worker takes the blocks in the
+    order the read tasks finish, and two runs of one config differ."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def storage_path(config: JobConfig) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem) for RunConfig; local paths are made absolute."""
     uri = config.storage.uri
@@ -72,6 +82,7 @@ def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) ->
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
         datasets={"train": read_windows(f"{prepared_uri}/windows",
                                         config.storage.storage_options())},
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     logger.info("training %s on %d worker(s)", config.model.name, config.train.num_workers)
     return trainer.fit()
