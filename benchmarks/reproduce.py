@@ -170,9 +170,11 @@ def load_user_items(path: Path, limit: int | None = None) -> Histories:
 def training_windows(sequences: list[np.ndarray], steps: int,
                      users: np.ndarray | None = None) -> SequenceBatch:
     """Each sequence's last steps + 1 items as one left-padded row of `steps` (input, next item)
-    pairs; sequences of one item (no target) are dropped."""
-    positions = [np.arange(len(s)) for s in sequences]
-    rows = history_batch(sequences, positions, None, None, DATA_CONFIG, steps + 1, users=users)
+    pairs; sequences of one item (no target) are dropped. Neither file has usable times, so every
+    event is at time 0, as the protocols have it: HRNN's time-gap input is one constant bucket
+    in training and at evaluation alike."""
+    times = [np.zeros(len(s), np.int64) for s in sequences]
+    rows = history_batch(sequences, times, None, None, DATA_CONFIG, steps + 1, users=users)
     rows = rows.steps(slice(0, -1))             # the last item is a target, never an input
     return rows[rows.mask.any(1)]
 

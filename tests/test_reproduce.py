@@ -6,6 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from dist_rec.evaluation.histories import Histories
+from dist_rec.evaluation.protocols import session_last_item, user_leave_one_out
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
@@ -33,6 +37,39 @@ def test_training_windows_keep_every_position_and_the_last_items():
     assert windows.items.tolist() == [[0, 5, 6], [2, 3, 4]]
     assert windows.targets.tolist() == [[0, 6, 7], [3, 4, 9]]
     assert windows.users.tolist() == [11, 13]
+
+
+class RecordingRanker:
+    """A Ranker that scores every item 0 and keeps the time-gap buckets of the real steps it saw."""
+
+    num_items = 9
+
+    def __init__(self):
+        self.deltas: set[int] = set()
+
+    def _seen(self, batch):
+        self.deltas.update(batch.deltas[batch.items > 0].tolist())
+
+    def target_ranks(self, batch, targets, exclude=None):
+        self._seen(batch)
+        return torch.zeros(len(targets), dtype=torch.int64)
+
+    def candidate_scores(self, batch, candidates):
+        self._seen(batch)
+        return torch.zeros(candidates.shape)
+
+
+def test_training_windows_have_the_time_gaps_the_protocols_evaluate_with():
+    """Both files lack times: HRNN must read the same gap bucket in training as at evaluation,
+    or the bucket it is evaluated with is a row that training never updated."""
+    sequences = [np.array([1, 2, 3, 4]), np.array([5, 6, 7]), np.array([8, 9, 1, 2, 3])]
+    windows = reproduce.training_windows(sequences, steps=4, users=np.array([1, 2, 3]))
+    trained = set(windows.deltas[windows.items > 0].tolist())
+    ranker = RecordingRanker()
+    session_last_item(ranker, sequences, progress=False)
+    histories = Histories.from_items(sequences, users=np.array([1, 2, 3]))
+    user_leave_one_out(ranker, histories, target="valid", num_negatives=2, progress=False)
+    assert len(trained) == 1 and ranker.deltas == trained
 
 
 def test_epoch_batches_cover_every_row_once_and_drop_only_padding_columns():
