@@ -80,6 +80,11 @@ class ModelRanker:
         self.rows_per_call = rows_per_call  # step_ranks: positions ranked per call (score buffer rows)
 
     def _last_hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        limit = self.model.max_length
+        if limit is not None and batch.items.shape[1] > limit:
+            # An encoder with learned positions reads its last `limit` steps, as its training
+            # windows did; a protocol's longer histories would be out of its range.
+            batch = batch.steps(slice(-limit, None))
         return self.model.hidden(batch.to(self.device))[:, -1]            # (B, D)
 
     def topk(self, batch, k, exclude=None):

@@ -104,6 +104,11 @@ class NextItemModel(nn.Module):
         return None if extra is None else extra(batch, hidden, self.tables)
 
     @property
+    def max_length(self) -> int | None:
+        """The most steps the encoder reads (its learned positions), or None: no limit."""
+        return getattr(self._encoder, "max_length", None)
+
+    @property
     def predicts_values(self) -> bool:
         """Whether the encoder has a value head (HRNN-meta's `value_head` option)."""
         return getattr(self._encoder, "value_head", None) is not None

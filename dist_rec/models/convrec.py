@@ -92,6 +92,7 @@ class ConvRec(nn.Module):
         check_heads("convrec", dim, options["heads"])
         self.input = SequenceInput("convrec", config.embedding_dim, dim, options["max_length"],
                                    config.dropout)
+        self.max_length = options["max_length"]   # read by NextItemModel.max_length
         self.blocks = nn.ModuleList(
             ConvBlock(LightweightConv(options["heads"], options["kernel_size"],
                                       options["weight_softmax"]),

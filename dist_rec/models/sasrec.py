@@ -107,6 +107,7 @@ class SASRec(nn.Module):
         check_heads("sasrec", dim, options["heads"])
         self.input = SequenceInput("sasrec", config.embedding_dim, dim, options["max_length"],
                                    config.dropout)
+        self.max_length = options["max_length"]   # read by NextItemModel.max_length
         self.blocks = nn.ModuleList(AttentionBlock(dim, options["heads"], options["ffn_dim"],
                                                    config.dropout)
                                     for _ in range(options["blocks"]))

@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
+from dist_rec.evaluation.protocols import ModelRanker
 from dist_rec.models import Dimensions, build_model
 from dist_rec.models import caser, convrec, dynamicrec, sasrec
 from dist_rec.models.convrec import LightweightConv
@@ -158,6 +159,24 @@ def test_options_are_checked():
     model = build("sasrec")
     with pytest.raises(ValueError, match=r"window length 17 exceeds options\['max_length'\]=16"):
         model.hidden(make_batch(random_items(1, 17, [17], seed=5)))
+
+
+@pytest.mark.parametrize("case", ["sasrec", "convrec"])
+def test_a_ranker_reads_the_last_max_length_steps_of_a_longer_history(case):
+    """Learned positions end at max_length (16): the evaluation protocols build wider batches
+    (TDM's first halves: up to 100 steps), and the ranker must rank them from their last 16
+    steps, as the model's training windows were, not fail."""
+    model = build(case)
+    assert model.max_length == 16
+    long = make_batch(random_items(3, 40, [40, 20, 5], seed=8))
+    cut = long.steps(slice(-16, None))
+    ranker = ModelRanker(model)
+    assert torch.equal(ranker.topk(long, 10), ranker.topk(cut, 10))
+    targets = torch.tensor([3, 4, 5])
+    assert torch.equal(ranker.target_ranks(long, targets), ranker.target_ranks(cut, targets))
+    candidates = torch.arange(1, 31).repeat(3, 1)
+    assert torch.equal(ranker.candidate_scores(long, candidates), ranker.candidate_scores(cut, candidates))
+    assert build("dynamicrec").max_length is None              # no positions, no limit
 
 
 @pytest.mark.parametrize("module", [caser, convrec, dynamicrec, sasrec])
