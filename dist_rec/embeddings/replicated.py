@@ -1,8 +1,10 @@
 """Gradient averaging for item tables replicated on every rank (`sharding: none`).
 
-DDP averages the dense encoder gradients; the tables' gradients are sparse (only the rows a batch
-touched), which NCCL cannot all-reduce. Instead every rank all-gathers the (row, gradient) pairs of
-the others, padded to a common length, and sums duplicates — the same on gloo and NCCL.
+DDP averages the dense encoder gradients, not the tables'. Their lookups give sparse gradients
+(only the rows a batch touched), which NCCL cannot all-reduce: every rank all-gathers the
+(row, gradient) pairs of the others, padded to a common length, and sums duplicates, the same on
+gloo and NCCL. The full softmax scores every item, so its tables' gradients are dense: a plain
+all-reduce.
 """
 from __future__ import annotations
 
@@ -11,14 +13,18 @@ import torch.distributed as dist
 from torch import nn
 
 
-def all_reduce_sparse_gradients(module: nn.Module) -> None:
-    """Replace each sparse `.grad` in `module` by its average over all ranks."""
+def all_reduce_table_gradients(module: nn.Module) -> None:
+    """Replace each `.grad` in `module`, sparse or dense, by its average over all ranks."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
     for parameter in module.parameters():
         grad = parameter.grad
-        if grad is None or not grad.is_sparse:
+        if grad is None:
+            continue
+        if not grad.is_sparse:
+            dist.all_reduce(grad)
+            grad.div_(world)
             continue
         grad = grad.coalesce()
         rows, values = grad.indices()[0], grad.values()          # (R,), (R, D...)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dist_rec.batch import SequenceBatch
-from dist_rec.embeddings.replicated import all_reduce_sparse_gradients
+from dist_rec.embeddings.replicated import all_reduce_table_gradients
 from dist_rec.models.base import NextItemModel
 
 
@@ -47,7 +47,7 @@ def train_step(model: NextItemModel, batch: SequenceBatch, loss_fn, optimizers: 
     """One optimizer step on `batch`; returns the loss.
 
     event_weights: (num_event_types + 1,) reward per target type code, or None for uniform.
-    replicated_tables: average the tables' sparse gradients over ranks (sharding: none, world > 1).
+    replicated_tables: average the tables' gradients over ranks (sharding: none, world > 1).
     """
     mask = batch.mask                                                 # (B, T)
     targets = batch.targets[mask]                                     # (N,)
@@ -62,6 +62,6 @@ def train_step(model: NextItemModel, batch: SequenceBatch, loss_fn, optimizers: 
     optimizers.zero_grad()
     loss.backward()
     if replicated_tables:
-        all_reduce_sparse_gradients(model.tables)
+        all_reduce_table_gradients(model.tables)
     optimizers.step()
     return loss.item()

@@ -28,6 +28,7 @@ LOSSES = {"full": SamplerConfig(loss="full_softmax"),
           "sampled_tied": SamplerConfig(loss="sampled_softmax", num_negatives=16)}
 POPULAR = [5, 5, 5, 1, 2, 3, 0, 0, 7, 7]   # every rank looks these up: 6 unique ids
 K_LARGE = 30                              # more than any shard's rows
+SHARDINGS = ("row", "none")               # "none": every rank holds the whole tables
 
 
 # ---------------------------------------------------------------- data and models, both sides
@@ -89,14 +90,16 @@ def item_counts() -> np.ndarray:
     return counts
 
 
-def train(model, name: str, world: int, rank: int | None):
-    """TRAIN_STEPS steps of Adam + RowWiseAdagrad; rank None trains on whole batches."""
+def train(model, name: str, world: int, rank: int | None, replicated: bool = False):
+    """TRAIN_STEPS steps of Adam + RowWiseAdagrad; rank None trains on whole batches;
+    `replicated`: full tables on every rank, their gradients averaged by train_step."""
     loss_fn = build_loss(LOSSES[name], item_counts())
     optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=0.01),
                             sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
     generator = torch.Generator().manual_seed(3)
     rows = slice(None) if rank is None else slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-    return optimizers, [train_step(model, make_batch(world, step)[rows], loss_fn, optimizers, generator)
+    return optimizers, [train_step(model, make_batch(world, step)[rows], loss_fn, optimizers, generator,
+                                   replicated_tables=replicated)
                         for step in range(TRAIN_STEPS)]
 
 
@@ -141,12 +144,13 @@ def queries(rank: int):
 
 def _worker(rank: int, world: int, directory: str) -> None:
     results = {"training": {}}
-    for name in LOSSES:
+    for name, sharding in [(name, sharding) for name in LOSSES for sharding in SHARDINGS]:
         model = build(tied=name.endswith("tied"))
-        model.tables = ShardedItemTables.from_full(model.tables)
+        if sharding == "row":
+            model.tables = ShardedItemTables.from_full(model.tables)
         model.encoder = DistributedDataParallel(model.encoder)
-        optimizers, losses = train(model, name, world, rank)
-        results["training"][name] = {
+        optimizers, losses = train(model, name, world, rank, replicated=sharding == "none")
+        results["training"][f"{name}-{sharding}"] = {
             "losses": losses,
             "encoder": model.encoder.module.state_dict(),
             "tables": {n: p.detach().clone() for n, p in model.tables.named_parameters()},
@@ -204,23 +208,27 @@ def ranks(request, tmp_path_factory):
 
 # --------------------------------------------------------------------------------- the tests
 
+@pytest.mark.parametrize("sharding", SHARDINGS)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_training_equals_unsharded(ranks, name):
+def test_training_equals_one_process(ranks, name, sharding):
+    """W ranks, row-sharded tables or whole tables on every rank, train the model one process
+    trains on the whole batches (full softmax gives the output table a dense gradient)."""
     world = len(ranks)
     model = build(tied=name.endswith("tied"))
     optimizers, losses = train(model, name, world, None)
-    shards = [result["training"][name] for result in ranks]
+    shards = [result["training"][f"{name}-{sharding}"] for result in ranks]
+    rows = (lambda rank: slice(rank, None, world)) if sharding == "row" else (lambda rank: slice(None))
     # Each rank's loss is its own mean; with equal events per rank their mean is the global one.
     torch.testing.assert_close(torch.tensor([s["losses"] for s in shards]).mean(0), torch.tensor(losses),
                                rtol=1e-5, atol=1e-6)
     for shard in shards:
         torch.testing.assert_close(shard["encoder"], model.encoder.state_dict(), rtol=1e-5, atol=1e-6)
     for parameter_name, parameter in model.tables.named_parameters():
-        for rank, shard in enumerate(shards):   # rank r holds global rows r, r + W, ...
-            torch.testing.assert_close(shard["tables"][parameter_name], parameter.detach()[rank::world],
+        for rank, shard in enumerate(shards):   # sharded: rank r holds global rows r, r + W, ...
+            torch.testing.assert_close(shard["tables"][parameter_name], parameter.detach()[rows(rank)],
                                        rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(shard["accumulators"][parameter_name],
-                                       optimizers.sparse.state[parameter]["sum"][rank::world],
+                                       optimizers.sparse.state[parameter]["sum"][rows(rank)],
                                        rtol=1e-5, atol=1e-8)
     assert not torch.equal(model.tables.input.weight, build(name.endswith("tied")).tables.input.weight)
     assert torch.equal(model.tables.input.weight[0], torch.zeros(8))     # padding never moves
