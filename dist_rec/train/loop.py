@@ -78,10 +78,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     step = position["step"]
     for epoch in range(position["epoch"], config.train.epochs):
+        if _reached(config, step):     # a retry of a run that already hit --max-steps
+            break
         started, events, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         model.train()
         seed_epoch(config.train.seed, epoch, rank)
         for batch in iterate_batches(shard, config.train.batch_size, config.train.seed, epoch):
+            if _reached(config, step):
+                break
             batch = batch.to(device, non_blocking=True)
             loss_sum += train_step(model, batch, loss_fn, optimizers, generator, weights,
                                    replicated_tables=world_size > 1 and not sharded,
@@ -92,8 +96,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0 and step % config.train.log_every == 0:
                 logger.info("epoch %d step %d loss %.4f, %.0f events/s on rank 0", epoch, step,
                             loss_sum / batches, events / (time.perf_counter() - started))
-            if config.train.max_steps and step >= config.train.max_steps:
-                break
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
@@ -103,8 +105,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["checkpoint"] = path
         ray.train.report(metrics, checkpoint=_ray_checkpoint(path, config),
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-        if config.train.max_steps and step >= config.train.max_steps:
-            break
+
+
+def _reached(config: JobConfig, step: int) -> bool:
+    """Whether --max-steps is set and `step` steps are done. The epoch it cuts short still counts
+    as done: its checkpoint resumes at the next epoch, the cut epoch's other batches untrained."""
+    return bool(config.train.max_steps) and step >= config.train.max_steps
 
 
 def load_features(encoder: torch.nn.Module, prepared: PreparedData) -> None:

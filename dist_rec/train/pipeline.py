@@ -83,8 +83,9 @@ def run(job: JobSpec) -> dict[str, Any]:
     """Prepare, train, evaluate; returns the summary printed by `format_summary`, also saved as
     <storage>/<run>/summary.json.
 
-    A run resumes from its newest complete checkpoint. If that one already has every epoch, there
-    is nothing to train: the saved summary comes back, marked `already_complete`.
+    A run resumes from its newest complete checkpoint. If that one already has every epoch (or
+    --max-steps steps), there is nothing to train: the saved summary comes back, marked
+    `already_complete`.
     """
     started = time.perf_counter()
     config = job.config
@@ -94,7 +95,7 @@ def run(job: JobSpec) -> dict[str, Any]:
         manifest = checkpoint.read_manifest(config.storage, resume_from)
         _check_same_model(manifest, config, resume_from)
         resumed_epoch = int(manifest.get("epoch", 0))
-        if resumed_epoch >= config.train.epochs:
+        if resumed_epoch >= config.train.epochs or 0 < config.train.max_steps <= manifest["step"]:
             return {**_load_summary(config, resume_from), "already_complete": True}
     prepared = prepare_data(job)
     ensure_ray(job.ray_address)

@@ -61,6 +61,16 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert not torch.equal(before["input"], after["input"])
 
 
+def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path):
+    """--max-steps 3 of 2 epochs (~5 steps each): 3 steps in all, the cut epoch counted as done;
+    the same command again finds the cap reached and trains no further step."""
+    command = ("--max-steps", "3", "--epochs", "2", "--run-name", "capped")
+    first = pipeline.run(smoke_job(tmp_path, *command))
+    assert (first["metrics"]["step"], first["metrics"]["epoch"]) == (3, 1)
+    again = pipeline.run(smoke_job(tmp_path, *command))
+    assert again["already_complete"] and again["metrics"]["step"] == 3
+
+
 def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
     """Window shards of 300 rows (~10 files, so Ray Data reads several blocks at once): two runs
     of one seed end with the same loss, metrics and item tables, bit for bit. Before the ingest
