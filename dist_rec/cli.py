@@ -147,7 +147,10 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         if value not in allowed:
             raise SystemExit(f"{path} = {value!r} (from --config or --set): unknown; choose from "
                              f"{', '.join(allowed)}")
-    return JobConfig.from_dict(raw)
+    try:
+        return JobConfig.from_dict(raw)
+    except (TypeError, ValueError) as error:      # a section's own check, e.g. keep_last >= 1
+        raise SystemExit(f"config: {error}") from None
 
 
 def _get(raw: dict[str, Any], path: str) -> Any:

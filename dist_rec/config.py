@@ -109,6 +109,10 @@ class StorageConfig:
     key: str = field(default="", repr=False)
     secret: str = field(default="", repr=False)
 
+    def __post_init__(self):
+        if self.keep_last < 1:   # checked here: pruning comes after an epoch's checkpoint
+            raise ValueError(f"StorageConfig.keep_last must be >= 1, got {self.keep_last}")
+
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs keyword arguments for this storage."""
         options: dict[str, Any] = {}

@@ -46,6 +46,11 @@ def test_a_typo_through_set_or_config_fails_before_any_work(tmp_path):
         main(["train", "--config", str(tmp_path / "run.json"), "--print-config"])
 
 
+def test_a_bad_value_fails_before_any_work():
+    with pytest.raises(SystemExit, match="config: StorageConfig.keep_last must be >= 1, got 0"):
+        main(["train", "--set", "storage.keep_last=0", "--print-config"])
+
+
 def test_the_job_script_usage_names_the_script(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"], train_prog="python jobs/taobao_hrnn.py")

@@ -123,6 +123,15 @@ def load_features(encoder: torch.nn.Module, prepared: PreparedData) -> None:
             setter(torch.as_tensor(codes))
 
 
+def check_test_users(num_test_users: int, config: JobConfig) -> None:
+    """With replicated tables every worker evaluates its own share of the test users: each
+    needs one at least."""
+    workers = config.train.num_workers
+    if config.train.sharding == "none" and num_test_users < workers:
+        raise ValueError(f"{num_test_users} test users for {workers} workers, which evaluate a "
+                         f"share each: hold out at least {workers} (--test-users)")
+
+
 def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world_size: int,
               sharded: bool) -> dict[str, float]:
     """TDM first-half/second-half on the test users.
@@ -133,9 +142,7 @@ def _evaluate(model, prepared: PreparedData, config: JobConfig, rank: int, world
     """
     users = prepared.test_histories()
     if not sharded:
-        if users.num_rows < world_size:   # the same on every rank: all raise, none waits
-            raise ValueError(f"{users.num_rows} test users for {world_size} workers, which "
-                             f"evaluate a share each: hold out at least {world_size} (--test-users)")
+        check_test_users(users.num_rows, config)  # the same on every rank: all raise, none waits
         users = users.take(list(range(rank, users.num_rows, world_size)))
     ranking = tdm_first_half(ModelRanker(model), users, k=200, ks=(20,), num_users=None,
                              data_config=config.data, progress=False)

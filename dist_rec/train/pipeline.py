@@ -29,6 +29,7 @@ from dist_rec.data.prepare import PreparedData, prepare
 from dist_rec.evaluation.protocols import next_value_rmse, tdm_first_half
 from dist_rec.models.baselines import RollingAverageValues, most_pop
 from dist_rec.train.launch import ensure_ray, run_training
+from dist_rec.train.loop import check_test_users
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def run(job: JobSpec) -> dict[str, Any]:
         if resumed_epoch >= config.train.epochs or 0 < config.train.max_steps <= manifest["step"]:
             return {**_load_summary(config, resume_from), "already_complete": True}
     prepared = prepare_data(job)
+    check_test_users(prepared.test_histories().num_rows, config)   # before an epoch is trained
     ensure_ray(job.ray_address)
     result = run_training(config, prepared.uri)
     if result.error:

@@ -61,6 +61,14 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert not torch.equal(before["input"], after["input"])
 
 
+def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
+    """Each of 2 workers evaluates its own share of the held-out users: 1 is refused after the
+    data is prepared and before Ray trains an epoch (no run directory is made)."""
+    with pytest.raises(ValueError, match="1 test users for 2 workers"):
+        pipeline.run(smoke_job(tmp_path, "--test-users", "1"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path):
     """--max-steps 3 of 2 epochs (~5 steps each): 3 steps in all, the cut epoch counted as done;
     the same command again finds the cap reached and trains no further step."""
