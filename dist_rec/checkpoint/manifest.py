@@ -130,6 +130,11 @@ def build_manifest(step: int, world_size: int, receipts: list[dict[str, Any]], *
     }
 
 
+class UnsupportedFormat(ValueError):
+    """A manifest of another format version: written by other code, not broken. Never skipped
+    or removed as a half-written checkpoint would be."""
+
+
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Decode and check a manifest; errors name the file and the field."""
     try:
@@ -140,7 +145,9 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: expected a JSON object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{where}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+        raise UnsupportedFormat(f"{where}: format_version {version!r}, this code reads "
+                                f"{FORMAT_VERSION}: run the dist_rec that wrote it, or give this "
+                                f"run another --run-name")
     for name, kind in (("step", int), ("world_size", int), ("num_rows", int), ("files", dict),
                        ("tables", dict), ("layout", dict)):
         if not isinstance(manifest.get(name), kind):

@@ -26,8 +26,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from dist_rec.checkpoint.manifest import (DENSE, MANIFEST, build_manifest, check_plain,
-                                          parse_manifest, receipt_filename, step_dirname,
-                                          table_specs, tables_filename)
+                                          UnsupportedFormat, parse_manifest, receipt_filename,
+                                          step_dirname, table_specs, tables_filename)
 from dist_rec.config import StorageConfig
 from dist_rec.storage import filesystem as storage_filesystem
 
@@ -287,6 +287,8 @@ def _problem(fs: fsspec.AbstractFileSystem, directory: str, verify: bool) -> str
         manifest = parse_manifest(fs.cat_file(manifest_path), to_uri(fs, manifest_path))
     except FileNotFoundError:
         return "no manifest (not committed)"
+    except UnsupportedFormat:
+        raise                       # another version's commit: not ours to skip or delete
     except ValueError as error:
         return str(error)
     problems = size_problems(fs, directory, manifest["files"])

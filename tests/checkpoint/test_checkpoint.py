@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_rec.checkpoint import (check_checkpoint, commit, discard_newer, gather_full_table,
-                                 latest_checkpoint,
+from dist_rec.checkpoint import (FORMAT_VERSION, UnsupportedFormat, check_checkpoint, commit,
+                                 discard_newer, gather_full_table, latest_checkpoint,
                                  list_checkpoints, load_checkpoint, prune, read_checkpoint_file,
                                  read_manifest, restore_rng_state, rng_state, save_checkpoint,
                                  write_rank_files)
@@ -204,6 +204,23 @@ def test_a_manifest_without_file_sizes_is_skipped(storage):
         json.dump(manifest, f)
     assert "needs an integer 'bytes'" in check_checkpoint(storage, second)
     assert latest_checkpoint(storage, RUN) == first
+
+
+def test_a_checkpoint_of_another_format_version_is_neither_skipped_nor_removed(storage):
+    """Newer code's commit is not a broken one: resuming from the older step before it, and
+    discarding it as newer, would throw its training away."""
+    write(storage, 1, full_tables(), 1)
+    second = write(storage, 2, full_tables(seed=1), 1)
+    manifest_path = os.path.join(second, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    for call in (lambda: latest_checkpoint(storage, RUN), lambda: discard_newer(storage, RUN, 1),
+                 lambda: prune(storage, RUN, keep_last=1)):
+        with pytest.raises(UnsupportedFormat, match=f"format_version {FORMAT_VERSION + 1}, this code reads"):
+            call()
+    assert os.path.exists(manifest_path)
 
 
 def test_half_written_checkpoint_is_ignored(storage):
