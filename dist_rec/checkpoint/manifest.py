@@ -4,7 +4,7 @@ Layout of `<storage uri>/<run>/checkpoints/step-000000123/`:
 
     tables-rank{r}-of-{n}.pt   rank r's rows of every item table (row-wise modulo layout)
     files-rank{r}-of-{n}.json  rank r's receipt: its rows, table shapes, sha256 + bytes per file
-    dense.pt                   rank 0: encoder, dense optimizer, sampler, data position, RNG
+    dense.pt                   rank 0: encoder, dense optimizer, sampler counts and generator, step
     <extra files>              e.g. the vocabulary, copied byte for byte
     manifest.json              written LAST, create-only: its presence is the commit
 

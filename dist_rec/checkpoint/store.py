@@ -41,7 +41,7 @@ def filesystem(storage: StorageConfig, uri: str | None = None) -> tuple[fsspec.A
     """(filesystem, path without protocol) for `uri` (default: storage.uri) with storage's options."""
     uri = storage.uri if uri is None else uri
     protocol = fsspec.core.split_protocol(uri)[0]
-    # s3 options (client_kwargs...) mean nothing to the local filesystem, which rejects them.
+    # s3 options (client_kwargs...) mean nothing to the local filesystem: not passed to it.
     remote = protocol not in (None, "file", "local")
     return storage_filesystem(uri, storage.storage_options() if remote else None)
 
