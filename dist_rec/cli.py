@@ -47,7 +47,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--bf16": ("train.bf16", bool, "bfloat16 autocast for the encoder"),
     "--epochs": ("train.epochs", int, "passes over the training windows"),
     "--batch-size": ("train.batch_size", int, "windows per step per worker"),
-    "--max-steps": ("train.max_steps", int, "stop after this many steps in all (0 = no limit); the epoch it cuts short counts as done"),
+    "--max-steps": ("train.max_steps", int, "stop after this many steps in all (0 = no limit); "
+                    "the epoch it cuts short counts as done"),
     "--lr": ("train.dense_lr", float, "Adam learning rate of the encoder"),
     "--sparse-lr": ("train.sparse_lr", float, "row-wise Adagrad learning rate of the item tables"),
     "--seed": ("train.seed", int, "seed of initialisation, negatives and shuffling"),

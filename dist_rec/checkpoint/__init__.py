@@ -7,8 +7,7 @@ from dist_rec.checkpoint.store import (check_checkpoint, checkpoint_path, commit
                                        latest_checkpoint, list_checkpoints, prune, read_manifest,
                                        save_checkpoint, write_rank_files)
 
-__all__ = ["FORMAT_VERSION", "Loaded", "check_checkpoint", "checkpoint_path", "commit",
-           "discard_newer", "gather_full_table", "latest_checkpoint", "list_checkpoints",
+__all__ = ["FORMAT_VERSION", "Loaded", "UnsupportedFormat", "check_checkpoint", "checkpoint_path",
+           "commit", "discard_newer", "gather_full_table", "latest_checkpoint", "list_checkpoints",
            "load_checkpoint", "local_rows", "prune", "read_checkpoint_file", "read_manifest",
-           "restore_rng_state", "rng_state", "save_checkpoint", "UnsupportedFormat",
-           "write_rank_files"]
+           "restore_rng_state", "rng_state", "save_checkpoint", "write_rank_files"]
