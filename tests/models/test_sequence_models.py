@@ -27,6 +27,7 @@ CASES = {
                                      "residual": True, "blocks": 2}),
     "dynamicrec": ("dynamicrec", {"heads": 2, "kernel_size": 3}),
     "sasrec": ("sasrec", {"heads": 2, "max_length": 16}),
+    "sasrec-paper": ("sasrec", {"heads": 2, "max_length": 16, "block": "paper"}),
 }
 
 
@@ -150,29 +151,33 @@ def test_convolutions_match_a_loop_reference():
         assert torch.allclose(dynamic(h), reference_conv(h, weights), atol=1e-6)
 
 
-def test_attention_block_matches_the_authors_code_step_by_step():
-    """SASRec's block as kang205/SASRec computes it, one query at a time: queries and the
-    residual from LN(x), keys and values from x itself, LN again before the FFN's residual.
-    The paper's form (LN(x) everywhere, raw x on the residual) gives other numbers."""
+@pytest.mark.parametrize("form", ["code", "paper"])
+def test_attention_block_matches_a_step_by_step_reference(form):
+    """SASRec's block one query at a time. "code" (kang205/SASRec): queries and the residuals
+    from LN(x), keys and values from x itself, LN again before the FFN. "paper" (sec. III):
+    x + g(LN(x)) for both sub-layers. Each form fails the other's reference."""
     torch.manual_seed(3)
-    block = sasrec.AttentionBlock(dim=4, heads=2, ffn_dim=6, dropout=0.0).eval()
+    block = sasrec.AttentionBlock(dim=4, heads=2, ffn_dim=6, dropout=0.0, form=form).eval()
     x = torch.randn(1, 3, 4)
     allowed = torch.ones(3, 3, dtype=torch.bool).tril().view(1, 1, 3, 3)
-    queries = F.layer_norm(x[0], (4,), block.attention_norm.weight, block.attention_norm.bias)
-    q = queries @ block.query.weight.t() + block.query.bias
-    k, v = (x[0] @ block.key_value.weight.t() + block.key_value.bias).split(4, dim=1)
+    normed = F.layer_norm(x[0], (4,), block.attention_norm.weight, block.attention_norm.bias)
+    keys = x[0] if form == "code" else normed
+    q = normed @ block.qkv.weight[:4].t() + block.qkv.bias[:4]
+    k, v = (keys @ block.qkv.weight[4:].t() + block.qkv.bias[4:]).split(4, dim=1)
     expected = []
     for t in range(3):
         heads = [torch.softmax(q[t, h] @ k[:t + 1, h].t() / 2 ** 0.5, 0) @ v[:t + 1, h]
                  for h in (slice(0, 2), slice(2, 4))]
-        attended = F.layer_norm(queries[t] + torch.cat(heads), (4,), block.ffn_norm.weight,
-                                block.ffn_norm.bias)
-        expected.append(attended + block.ffn(attended))
+        after = (normed[t] if form == "code" else x[0, t]) + torch.cat(heads)
+        after_normed = F.layer_norm(after, (4,), block.ffn_norm.weight, block.ffn_norm.bias)
+        expected.append((after_normed if form == "code" else after) + block.ffn(after_normed))
     with torch.no_grad():
         assert torch.allclose(block(x, allowed)[0], torch.stack(expected), atol=1e-5)
 
 
 def test_options_are_checked():
+    with pytest.raises(ValueError, match=r"options\['block'\]='papers'"):
+        build_model(ModelConfig(name="sasrec", options={"block": "papers"}), DIMS)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['kernal_size'\]"):
         build_model(ModelConfig(name="convrec", options={"kernal_size": 3}), DIMS)
     with pytest.raises(ValueError, match=r"options\['heads'\]=3 must divide hidden_dim=8"):
