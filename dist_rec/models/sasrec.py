@@ -12,9 +12,9 @@ Attention is softmax(Q W^Q (K W^K)^T / sqrt(D/H)) (K W^V), causal with a key pad
 dropout on its weights, heads concatenated and no output projection (paper eq. 2). The code's
 form carries the normalised input on the residuals and reads raw keys. Which form is better
 depends on the data: on Amazon Games the code's scored 0.02 higher HR@10, on YooChoose the paper's
-0.007 higher HR@20 in the same time, and validation says the same on each (docs/results.md). The paper ties input
-and output item vectors: use `recommended_config()` (tied_embeddings=True); the encoder works
-untied too.
+0.007 higher HR@20 in the same time, and validation says the same on each (docs/results.md).
+The paper ties input and output item vectors: use `recommended_config()` (tied_embeddings=True);
+the encoder works untied too.
 
 This file also holds the pieces the convolutional models share: the SASRec-style embedding layer
 `SequenceInput` (ConvRec reuses it, as its paper does; DynamicRec without positions) and
