@@ -51,14 +51,15 @@ class DynamicRec(nn.Module):
     """Dynamic-convolution sequential recommender.
 
     options: blocks (2); kernel_size (5); heads (1, must divide hidden_dim); weight_softmax (True);
-    residual (True); ffn_dim (hidden_dim). No position embeddings (the paper has none; the
-    kernel's taps are ordered). config.dropout: the paper uses 0.2, d = 200.
+    residual ("both"; "ffn", "none" as in ConvRec); ffn_dim (hidden_dim). No position embeddings
+    (the paper has none; the kernel's taps are ordered). config.dropout: the paper uses 0.2,
+    d = 200.
     """
 
     def __init__(self, config: ModelConfig, dims: Dimensions):
         super().__init__()
         options = read_options(config, {"blocks": 2, "kernel_size": 5, "heads": 1,
-                                        "weight_softmax": True, "residual": True,
+                                        "weight_softmax": True, "residual": "both",
                                         "ffn_dim": config.hidden_dim})
         dim = config.hidden_dim
         check_heads("dynamicrec", dim, options["heads"])

@@ -24,7 +24,7 @@ CASES = {
                         "user_dim": 2}),
     "convrec": ("convrec", {"heads": 2, "kernel_size": 3, "max_length": 16}),
     "convrec-residual": ("convrec", {"heads": 2, "kernel_size": 3, "max_length": 16,
-                                     "residual": True, "blocks": 2}),
+                                     "residual": "both", "blocks": 2}),
     "dynamicrec": ("dynamicrec", {"heads": 2, "kernel_size": 3}),
     "sasrec": ("sasrec", {"heads": 2, "max_length": 16}),
     "sasrec-paper": ("sasrec", {"heads": 2, "max_length": 16, "block": "paper"}),
@@ -151,6 +151,45 @@ def test_convolutions_match_a_loop_reference():
         assert torch.allclose(dynamic(h), reference_conv(h, weights), atol=1e-6)
 
 
+def test_weight_dropout_drops_normalised_taps_in_training_only():
+    """DropConnect on softmax(W), scaled by 1 / (1 - p) (Wu et al.'s weight dropout), not on W
+    before the softmax; eval mode reads the whole kernel."""
+    h = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(7))
+    light = LightweightConv(heads=2, kernel_size=3, weight_dropout=0.5)
+    with torch.no_grad():
+        light.weight.copy_(torch.tensor([[0.0, 1.0, 2.0], [-1.0, 0.5, 0.0]]))
+        taps = light.weight.softmax(-1)
+        assert torch.allclose(light.eval()(h), reference_conv(h, taps.expand(2, 5, 2, 3)), atol=1e-6)
+        torch.manual_seed(11)
+        dropped = F.dropout(taps, 0.5, training=True)
+        assert 0 < (dropped == 0).sum() < 6                       # this seed drops some taps
+        torch.manual_seed(11)
+        trained = light.train()(h)
+    assert torch.allclose(trained, reference_conv(h, dropped.expand(2, 5, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", convrec.RESIDUALS)
+def test_conv_block_residuals_match_a_reference(residual):
+    """ConvBlock's three forms: "none" (ConvRec's text), "ffn" (the author's later code), "both"
+    (DynamicRec). Each form's output differs from the others' on the same weights."""
+    torch.manual_seed(4)
+    x, keep = torch.randn(2, 5, 4), torch.ones(2, 5, 1)
+    outputs = {}
+    for form in convrec.RESIDUALS:
+        torch.manual_seed(5)
+        block = convrec.ConvBlock(LightweightConv(2, 3), 4, 6, 0.0, form).eval()
+        with torch.no_grad():
+            outputs[form] = block(x, keep)
+            if form == residual:
+                conv = block.project(block.conv(F.glu(block.expand(block.conv_norm(x)), -1)))
+                after = x + conv if form == "both" else conv
+                ffn = block.ffn(block.ffn_norm(after))
+                expected = after + ffn if form != "none" else ffn
+    assert torch.allclose(outputs[residual], expected, atol=1e-6)
+    assert all(not torch.allclose(outputs[residual], out, atol=1e-3)
+               for form, out in outputs.items() if form != residual)
+
+
 @pytest.mark.parametrize("form", ["code", "paper"])
 def test_attention_block_matches_a_step_by_step_reference(form):
     """SASRec's block one query at a time. "code" (kang205/SASRec): queries and the residuals
@@ -178,6 +217,8 @@ def test_attention_block_matches_a_step_by_step_reference(form):
 def test_options_are_checked():
     with pytest.raises(ValueError, match=r"options\['block'\]='papers'"):
         build_model(ModelConfig(name="sasrec", options={"block": "papers"}), DIMS)
+    with pytest.raises(ValueError, match=r"residual must be one of \('none', 'ffn', 'both'\)"):
+        build_model(ModelConfig(name="convrec", options={"residual": True}), DIMS)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['kernal_size'\]"):
         build_model(ModelConfig(name="convrec", options={"kernal_size": 3}), DIMS)
     with pytest.raises(ValueError, match=r"options\['heads'\]=3 must divide hidden_dim=8"):
