@@ -66,7 +66,7 @@ class ConvBlock(nn.Module):
     def __init__(self, conv: nn.Module, dim: int, ffn_dim: int, dropout: float, residual: str):
         super().__init__()
         if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+            raise ValueError(f"options['residual']={residual!r}; known {RESIDUALS}")
         self.conv_norm = nn.LayerNorm(dim)
         self.expand = nn.Linear(dim, 2 * dim)
         self.conv = conv

@@ -217,7 +217,7 @@ def test_attention_block_matches_a_step_by_step_reference(form):
 def test_options_are_checked():
     with pytest.raises(ValueError, match=r"options\['block'\]='papers'"):
         build_model(ModelConfig(name="sasrec", options={"block": "papers"}), DIMS)
-    with pytest.raises(ValueError, match=r"residual must be one of \('none', 'ffn', 'both'\)"):
+    with pytest.raises(ValueError, match=r"options\['residual'\]=True; known \('none', 'ffn', 'both'\)"):
         build_model(ModelConfig(name="convrec", options={"residual": True}), DIMS)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['kernal_size'\]"):
         build_model(ModelConfig(name="convrec", options={"kernal_size": 3}), DIMS)
