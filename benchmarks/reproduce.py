@@ -454,11 +454,18 @@ def render_tables(records: list[dict]) -> str:
                              f"({commands[command]})"]))
         out.append("")
     dates = sorted(r["date"][:16] for r in records)
+    # Records come from several sessions, not always on the same kind of machine.
+    machines: dict[str, set[int]] = {}
+    for r in records:
+        machines.setdefault(r["machine"], set()).add(commands[r.get("command", "")])
+    ran_on = "; ".join(f"{name} (command{'s' * (len(numbers) > 1)} "
+                       f"{', '.join(map(str, sorted(numbers)))})"
+                       for name, numbers in sorted(machines.items()))
     out += [("Cells: mean ± sample standard deviation over seeds (one value: one seed). "
              "epochs (best): epochs trained per seed and, in brackets, the epoch kept by "
              "validation; * = stopped by the time budget."),
             "", "Commands:", "", *(f"    ({i}) {command}" for command, i in commands.items()), "",
-            f"Machine: {records[-1]['machine']}. Dates (UTC): {dates[0]} to {dates[-1]}."]
+            f"Machines: {ran_on}. Dates (UTC): {dates[0]} to {dates[-1]}."]
     return "\n".join(out)
 
 

@@ -162,6 +162,10 @@ def test_tables_show_mean_and_sample_sd_over_seeds():
     assert "| sasrec | full_softmax | 2 | 0.7000 ± 0.2828 |" in text
     text = reproduce.render_tables(records + [{**rerun, "seed": 0}, rerun])
     assert "| 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | SASRec |" in text
+    # Each machine is named with the commands that ran on it.
+    other = {**base, "seed": 0, "command": "cmd2", "machine": "n", "test": records[0]["test"]}
+    text = reproduce.render_tables(records + [other])
+    assert "Machines: m (command 1); n (command 2)." in text
 
 
 def test_unknown_model_is_a_clear_error(capsys):
