@@ -130,8 +130,20 @@ class HRNNMeta(HRNN):
         return tables if self.feature_rows is None else MetaScorer(tables, self)
 
     def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """items (...) -> (w(f_j) (..., D), b(f_j) (...))."""
-        rows = self.feature_rows(self.decoder_fields(self.item_features[items]))
+        """items (...) -> (w(f_j) (..., D), b(f_j) (...)).
+
+        feature_rows(concat_f E_f[code_f]) computed as sum_f (E_f W_f^T)[code_f]: every code of a
+        field is projected in one matmul of a fixed shape, then gathered and summed in field
+        order. So an item's row is bit-identical whichever items it is computed with; a matmul
+        over just the asked rows rounds by their count on some CPUs (AVX-512 MKL), and cold twins
+        (lambda 1, same codes) scored apart would escape the tie rule, sharded or not. The cost
+        grows with the fields' vocabularies (categories, brands), not with the catalog.
+        """
+        codes = self.item_features[items]                                       # (..., F)
+        blocks = self.feature_rows.weight.split(
+            [field.embedding_dim for field in self.decoder_fields.fields], dim=1)
+        rows = sum((field.weight @ block.T)[codes[..., f]]                       # (..., D + 1)
+                   for f, (field, block) in enumerate(zip(self.decoder_fields.fields, blocks)))
         return rows[..., :-1], rows[..., -1]
 
     def mixing(self, items: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,35 @@ def test_decoder_mixes_id_and_feature_scores_by_lambda():
     torch.testing.assert_close(weight[items] @ h + full_bias[items], expected)
     # Full-catalog ranking reads the same mixed rows.
     ranks = scorer.target_ranks(h.unsqueeze(0), torch.tensor([17]))
-    assert ranks.item() == int(((weight[1:] @ h + full_bias[1:]) > expected[1]).sum())
+    scores = weight[1:] @ h + full_bias[1:]
+    assert ranks.item() == int((scores >= scores[16]).sum()) - 1      # others at or above item 17
+
+
+def test_feature_rows_do_not_depend_on_the_items_computed_with_them():
+    """An item's w(f_j), b(f_j) are bit-identical whichever items they are computed with (a matmul
+    over only the asked rows rounds by their count on AVX-512 MKL), so cold twins (same codes,
+    lambda 1) score exactly alike, and each ranks the other against itself (ties count against)."""
+    dims = Dimensions(num_items=2000, num_users=7, num_delta_buckets=8, num_event_types=4,
+                      item_feature_sizes=(50, 7))
+    model = build({"feature_dim": 16}, dims, embedding_dim=64, hidden_dim=64).eval()
+    encoder = model.encoder
+    every = torch.arange(dims.num_items + 1)
+    rows, bias = encoder.feature_view(every)
+    generator = torch.Generator().manual_seed(1)
+    for count in (1, 2, 3, 5, 8, 13, 17, 31, 64, 100, 257, 1000):
+        items = torch.randperm(dims.num_items + 1, generator=generator)[:count]
+        some_rows, some_bias = encoder.feature_view(items)
+        assert torch.equal(some_rows, rows[items]) and torch.equal(some_bias, bias[items]), count
+    codes = encoder.item_features.clone()
+    twins = torch.tensor([5, 1500])
+    codes[1500] = codes[5]
+    encoder.set_item_features(codes)
+    cold = torch.zeros(dims.num_items + 1, dtype=torch.bool)
+    cold[twins] = True
+    encoder.set_cold_items(cold)
+    hidden = torch.randn(64, 64, generator=generator)
+    ranks = [model.scorer.target_ranks(hidden, torch.full((64,), int(t))) for t in twins]
+    assert torch.equal(ranks[0], ranks[1])
 
 
 def test_bad_feature_tables_are_named():
