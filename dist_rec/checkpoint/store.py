@@ -258,7 +258,7 @@ def _step_dirs(storage: StorageConfig, run: str) -> tuple[fsspec.AbstractFileSys
 def fetched(fs: fsspec.AbstractFileSystem, path: str, record: Mapping[str, Any],
             verify: bool = True) -> Iterator[str]:
     """A local copy of `path` (the file itself when local), checked against its manifest record:
-    size always, sha256 with verify. Raises ValueError naming the file on a mismatch."""
+    size always, sha256 with verify. Raises CorruptFile naming the file on a mismatch."""
     if is_local(fs):
         _check_file(path, to_uri(fs, path), record, verify)
         yield path
@@ -273,12 +273,16 @@ def fetched(fs: fsspec.AbstractFileSystem, path: str, record: Mapping[str, Any],
         os.remove(local)
 
 
+class CorruptFile(ValueError):
+    """A checkpoint file that disagrees with its manifest record (size or sha256)."""
+
+
 def _check_file(local: str, where: str, record: Mapping[str, Any], verify: bool) -> None:
     size = os.path.getsize(local)
     if size != record["bytes"]:
-        raise ValueError(f"{where}: {size} bytes, the manifest says {record['bytes']}")
+        raise CorruptFile(f"{where}: {size} bytes, the manifest says {record['bytes']}")
     if verify and file_record(local)["sha256"] != record["sha256"]:
-        raise ValueError(f"{where}: sha256 differs from the manifest (corrupt or overwritten)")
+        raise CorruptFile(f"{where}: sha256 differs from the manifest (corrupt or overwritten)")
 
 
 def _problem(fs: fsspec.AbstractFileSystem, directory: str, verify: bool) -> str | None:

@@ -57,13 +57,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Same seed on every rank: the shared negatives of a step are the same everywhere.
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
 
-    position = {"step": 0, "epoch": 0}
     # Not ray.train.get_checkpoint(): on a retry it is the last checkpoint *reported*, which can
     # be older than our newest commit (a worker may die between the commit and the report).
-    resume_path = _newest_checkpoint(config, rank, world_size)
+    resume_path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
+                                                 generator, prepared.vocab_hash, world_size)
     if resume_path:
-        position = state.restore(config, resume_path, model.encoder, model.tables, optimizers,
-                                 generator, prepared.vocab_hash)
         logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,
                     position["epoch"], position["step"])
         if position["item_counts"] is not None:
@@ -178,11 +176,3 @@ def _ray_checkpoint(uri: str, config: JobConfig) -> Checkpoint:
     fs, path = pyarrow_filesystem(uri, config.storage.storage_options())
     return Checkpoint(path=path, filesystem=fs)
 
-
-def _newest_checkpoint(config: JobConfig, rank: int, world_size: int) -> str | None:
-    """The run's newest checkpoint whose checksums verify, read by rank 0 (it reads every byte)
-    and sent to the others."""
-    found = [checkpoint.latest_checkpoint(config.storage, config.run_name) if rank == 0 else None]
-    if world_size > 1:
-        dist.broadcast_object_list(found, src=0)
-    return found[0]

@@ -7,15 +7,19 @@ size. Rank 0 adds the dense state: encoder, dense optimizer, sampler generator, 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dist_rec import checkpoint
 from dist_rec.config import JobConfig
 from dist_rec.embeddings.sharded import ShardedItemTables
 from dist_rec.train.step import Optimizers
+
+logger = logging.getLogger(__name__)
 
 
 def table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
@@ -77,12 +81,55 @@ def restore(config: JobConfig, path: str, encoder: nn.Module, tables: nn.Module,
     Sharded tables get their modulo rows resharded from whatever world size wrote them;
     replicated tables get every row.
     """
+    return _apply(_read(config, path, tables, vocab_hash), encoder, tables, optimizers, generator)
+
+
+def restore_newest(config: JobConfig, encoder: nn.Module, tables: nn.Module,
+                   optimizers: Optimizers, generator: torch.Generator, vocab_hash: str,
+                   world_size: int) -> tuple[str | None, dict[str, Any]]:
+    """Restore the run's newest checkpoint that reads intact on every rank; a collective.
+
+    Returns (its path, `restore`'s position), or (None, step 0 / epoch 0) for a fresh start.
+    Rank 0 lists the committed checkpoints whose files have their manifest's sizes (no bytes read)
+    and sends the list to every rank. Newest first, each rank reads its part (the shards its rows
+    come from, the dense state) and checks each file's sha256 as it reads it; a corrupt or missing
+    file on any rank sends every rank to the next older checkpoint, and nothing is loaded into the
+    model until all ranks have read theirs. So each file is read once by each rank that needs it;
+    verifying the whole checkpoint before loading it would read every byte twice.
+    """
+    rank = dist.get_rank() if world_size > 1 else 0
+    device = next(encoder.parameters()).device
+    candidates = [checkpoint.list_checkpoints(config.storage, config.run_name) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(candidates, src=0)
+    for path in candidates[0]:
+        try:
+            loaded = _read(config, path, tables, vocab_hash)
+        except (checkpoint.CorruptFile, FileNotFoundError) as error:
+            logger.warning("rank %d skips checkpoint %s: %s", rank, path, error)
+            loaded = None
+        intact = torch.tensor([loaded is not None], dtype=torch.int32, device=device)
+        if world_size > 1:
+            dist.all_reduce(intact, dist.ReduceOp.MIN)
+        if intact.item():
+            return path, _apply(loaded, encoder, tables, optimizers, generator)
+    return None, {"step": 0, "epoch": 0, "item_counts": None}
+
+
+def _read(config: JobConfig, path: str, tables: nn.Module, vocab_hash: str) -> checkpoint.Loaded:
+    """This rank's part of the checkpoint at `path`, every file checked as it is read; nothing is
+    loaded into the model yet. Raises checkpoint.CorruptFile naming a file that fails its check."""
     rank, world_size = ((tables.rank, tables.world_size) if isinstance(tables, ShardedItemTables)
                         else (0, 1))
     loaded = checkpoint.load_checkpoint(config.storage, path, rank, world_size)
     if loaded.manifest.get("vocab_hash") != vocab_hash:
         raise ValueError(f"{path}: written for vocabulary {loaded.manifest.get('vocab_hash')}, "
                          f"this run's vocabulary is {vocab_hash}")
+    return loaded
+
+
+def _apply(loaded: checkpoint.Loaded, encoder: nn.Module, tables: nn.Module,
+           optimizers: Optimizers, generator: torch.Generator) -> dict[str, Any]:
     load_table_rows(tables, optimizers.sparse, loaded.tables)
     encoder.load_state_dict(loaded.dense["encoder"])
     optimizers.dense.load_state_dict(loaded.dense["dense_optimizer"])

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_rec import checkpoint
+from dist_rec.checkpoint import store
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import JobConfig, ModelConfig, SamplerConfig, StorageConfig
 from dist_rec.embeddings.optim import RowWiseAdagrad
@@ -22,6 +23,7 @@ from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model
 from dist_rec.train import state
 from dist_rec.train.step import Optimizers, train_step
+from tests.checkpoint.test_checkpoint import flip_byte
 from tests.distributed_helpers import run_ranks
 
 NUM_ITEMS = 500
@@ -102,16 +104,17 @@ def _worker(rank: int, world: int, storage: StorageConfig, directory: str, stage
 
 def _train(rank: int, world: int, storage: StorageConfig, stage: str) -> dict:
     """train-straight: steps 0..5 then checkpoint; train-stopped: 0..2 then checkpoint;
-    train-resumed: restore the newest "stopped" checkpoint from S3 (sampler counts included, as
-    train/loop.py does), then steps 3..5."""
+    train-resumed: restore the newest "stopped" checkpoint from S3 as train/loop.py does
+    (state.restore_newest, sampler counts included), then steps 3..5."""
     resumed = stage == "train-resumed"
     model, loss_fn, optimizers, generator = parts(OTHER_SEED if resumed else SEED, "row")
     encoder, first, last = model.encoder, 0, TOTAL_STEPS
     result = {}
     if resumed:
-        path = checkpoint.latest_checkpoint(storage, "stopped")
-        result["restored"] = state.restore(job(storage, "stopped"), path, encoder, model.tables,
-                                           optimizers, generator, VOCAB)
+        path, result["restored"] = state.restore_newest(job(storage, "stopped"), encoder,
+                                                        model.tables, optimizers, generator, VOCAB,
+                                                        world)
+        assert path == checkpoint.checkpoint_path(storage, "stopped", STOP_AT)
         loss_fn.update_counts(result["restored"]["item_counts"].numpy())
         first = result["restored"]["step"]
     elif stage == "train-stopped":
@@ -144,6 +147,37 @@ def _state(tables, encoder, optimizers: Optimizers) -> dict:
             "accumulators": {name.removesuffix(".weight"): optimizers.sparse.state[p]["sum"].clone()
                              for name, p in tables.named_parameters()},
             "encoder": encoder.state_dict(), "adam": optimizers.dense.state_dict()}
+
+
+def _restore_past_a_corrupt_shard(rank: int, world: int, directory: str) -> None:
+    """Commit step 1 (weights of SEED) and step 2 (OTHER_SEED), flip a byte of step 2's rank-1
+    shard, then restore into a third model, counting the sha256 reads of each file per rank."""
+    storage = StorageConfig(uri=f"{directory}/runs")
+    config = job(storage, "corrupt")
+    for step, seed in ((1, SEED), (2, OTHER_SEED)):
+        model, _, optimizers, generator = parts(seed, "row")
+        state.save(config, step, 0, model.encoder, model.tables, optimizers, generator, rank,
+                   world, VOCAB, dist.barrier)
+        if step == 1:
+            saved = _state(model.tables, model.encoder, optimizers)
+    if rank == 0:
+        flip_byte(f"{checkpoint.checkpoint_path(storage, 'corrupt', 2)}/tables-rank1-of-2.pt")
+    dist.barrier()
+    reads: dict[str, int] = {}
+    file_record = store.file_record
+
+    def counted(path: str) -> dict:
+        reads[path] = reads.get(path, 0) + 1
+        return file_record(path)
+
+    store.file_record = counted
+    model, _, optimizers, generator = parts(SEED + OTHER_SEED, "row")
+    path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
+                                          generator, VOCAB, world)
+    store.file_record = file_record
+    torch.save({"path": path, "position": position, "reads": reads, "saved": saved,
+                **_state(model.tables, model.encoder, optimizers)},
+               f"{directory}/corrupt-rank{rank}.pt")
 
 
 # --------------------------------------------------------------------------------- the tests
@@ -240,3 +274,24 @@ def test_two_worker_checkpoint_scores_the_same_on_one_and_three_workers(runs):
         exact(hidden, original[0]["scores"]["hidden"])
     # Not a degenerate comparison: many distinct items and ranks.
     assert expected["top_items"].unique().numel() > 100 and expected["ranks"].unique().numel() > 10
+
+
+def test_ranks_resume_past_a_corrupt_shard_reading_each_file_once(tmp_path):
+    """Step 2's rank-1 shard fails its checksum when rank 1 reads it: both ranks fall back to
+    step 1 together and hold exactly its state, and no rank reads a file twice or one it does not
+    need (verifying the checkpoint on rank 0 before loading read every file of it twice)."""
+    run_ranks(_restore_past_a_corrupt_shard, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"corrupt-rank{r}.pt", weights_only=True) for r in range(2)]
+    storage = StorageConfig(uri=f"{tmp_path}/runs")
+    first, second = (checkpoint.checkpoint_path(storage, "corrupt", step) for step in (1, 2))
+    for rank, result in enumerate(ranks):
+        assert result["path"] == first and result["position"]["step"] == 1
+        exact(result["tables"], ranks[0]["saved"]["tables"])
+        exact(result["encoder"], ranks[0]["saved"]["encoder"])
+        exact(result["adam"], ranks[0]["saved"]["adam"])
+        exact(result["accumulators"], result["saved"]["accumulators"])
+        # Its own shard and the dense state of each checkpoint it tried, once each; rank 1
+        # stopped reading step 2 at its corrupt shard.
+        tried = [f"{first}/tables-rank{rank}-of-2.pt", f"{first}/dense.pt",
+                 f"{second}/tables-rank{rank}-of-2.pt"] + [f"{second}/dense.pt"] * (rank == 0)
+        assert result["reads"] == dict.fromkeys(tried, 1)
