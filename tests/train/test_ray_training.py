@@ -110,11 +110,11 @@ def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_p
                     "--context-column", "device", "--values", "--user-features", "segment",
                     "--item-features", "brand",
                     "--test-users", "200",
-                    "--epochs", "8", "--batch-size", "64", "--lr", "0.01", "--set",
+                    "--epochs", "4", "--batch-size", "64", "--lr", "0.01", "--set",
                     'model.options={"value_head": true, "value_feedback": true, "feature_dim": 8}')
     result = pipeline.run(job)
     metrics = result["metrics"]
-    assert metrics["epoch"] == 8 and metrics["hr@20"] > 0
+    assert metrics["epoch"] == 4 and metrics["hr@20"] > 0
     prepared = pipeline.PreparedData.load(str(tmp_path / "data" / "prepared-smoke"))
     assert prepared.dimensions.item_feature_sizes == (1, 3)      # category_id, brand
     # Offsets (sd 1) read from past values; predicting 0 would score ~1.02, the noise floor is 0.2.
