@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -409,15 +410,24 @@ def _stat(values: list[float | None]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+_SEED_RANGE = re.compile(r" --(?:first-seed|seeds)[ =]\d+")
+
+
+def _setting(command: str) -> str:
+    """The command without its seed range (--first-seed, --seeds): what its runs share."""
+    return _SEED_RANGE.sub("", command)
+
+
 def _grouped(records: list[dict], dataset: str) -> list[tuple[tuple[str, str, str], list[dict]]]:
-    """Rows: one per model, loss and command, so seeds of one run are averaged and runs with
-    other budgets or settings stay apart; a rerun of a command supersedes its earlier records of
-    the same seed (records are in time order)."""
-    latest = {(r["model"], r["loss"], r.get("command", ""), r["seed"]): r
+    """Rows: one per model, loss and setting (the command without its seed range), so the seeds
+    of one setting are averaged, also when several commands ran them (e.g. seeds 0-2, then 3-5),
+    and runs with other budgets or settings stay apart; a rerun of a seed supersedes its earlier
+    record (records are in time order)."""
+    latest = {(r["model"], r["loss"], _setting(r.get("command", "")), r["seed"]): r
               for r in records if r["dataset"] == dataset}
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for (model, loss, command, _), r in latest.items():
-        groups.setdefault((model, loss, command), []).append(r)
+    for (model, loss, setting, _), r in latest.items():
+        groups.setdefault((model, loss, setting), []).append(r)
     order = {m: i for i, m in enumerate(MODELS[dataset])}
     return sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))
 
@@ -446,12 +456,13 @@ def render_tables(records: list[dict]) -> str:
         header = ["model", "loss", "seeds", *(c[0] for c in columns), "published",
                   published_header, "epochs (best)", "train s", "command"]
         out += [f"### {title}", "", _row(header), _row(["---"] * len(header))]
-        for (model, loss, command), rs in groups:
+        for (model, loss, _), rs in groups:
             name, figures = published.get(model, ("—", ()))
+            numbers = sorted({commands[r.get("command", "")] for r in rs})
             out.append(_row([model, loss, str(len(rs)),
                              *(_stat([r[section].get(key) for r in rs]) for _, section, key in columns),
                              name, " / ".join(f"{x:.4f}" for x in figures) or "—", *_cost(rs),
-                             f"({commands[command]})"]))
+                             f"({', '.join(map(str, numbers))})"]))
         out.append("")
     dates = sorted(r["date"][:16] for r in records)
     # Records come from several sessions, not always on the same kind of machine.

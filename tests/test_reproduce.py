@@ -162,6 +162,14 @@ def test_tables_show_mean_and_sample_sd_over_seeds():
     assert "| sasrec | full_softmax | 2 | 0.7000 ± 0.2828 |" in text
     text = reproduce.render_tables(records + [{**rerun, "seed": 0}, rerun])
     assert "| 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | SASRec |" in text
+    # Seeds 2-3 of the same setting, run by another command, join the row; its seed 1 supersedes.
+    more = [{**base, "seed": seed, "command": "cmd --first-seed 1 --seeds 3",
+             "test": {**figures, "sampled_hr@10": hr}} for seed, hr in ((1, 0.6), (2, 0.8), (3, 0.9))]
+    text = reproduce.render_tables([{**r, "command": f"{r['command']} --seeds 2"} for r in records]
+                                   + more)
+    # seeds 0..3: 0.5, 0.6, 0.8, 0.9; mean 0.7, sample sd sqrt(0.1 / 3) = 0.1826
+    assert "| sasrec | full_softmax | 4 | 0.7000 ± 0.1826 |" in text
+    assert "| 4(3)/4(3)/4(3)/4(3) | 10 | (1, 2) |" in text
     # Each machine is named with the commands that ran on it.
     other = {**base, "seed": 0, "command": "cmd2", "machine": "n", "test": records[0]["test"]}
     text = reproduce.render_tables(records + [other])
