@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_rec import checkpoint
-from dist_rec.checkpoint import store
 from dist_rec.batch import SequenceBatch
+from dist_rec.checkpoint import store
 from dist_rec.config import JobConfig, ModelConfig, SamplerConfig, StorageConfig
 from dist_rec.embeddings.optim import RowWiseAdagrad
 from dist_rec.losses import build_loss
