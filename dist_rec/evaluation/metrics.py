@@ -4,7 +4,7 @@ Single-target metrics read 0-based ranks: rank = #{other items scored >= the tar
 with the target counts against it (an all-equal scorer gets rank N-1, never a lucky 0). The
 per-event functions return (N,) float64 tensors; `rank_metrics` averages them into a dict.
 
-Multi-target metrics (TDM protocol) read a top-k list and a ground truth of several events.
+Multi-target metrics (TDM protocol) read the ranks of a ground truth of several events.
 """
 from __future__ import annotations
 
@@ -70,38 +70,24 @@ def perplexity(mean_log_likelihood: float) -> float:
     return math.exp(-float(mean_log_likelihood))
 
 
-def multi_target_hits(topk_items: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Ground-truth events whose item is in the top-k list, duplicates counted.
-
-    topk_items (B, k) int64 recommended ids (0 = empty slot, never a hit);
-    truth (B, M) int64 ground-truth item ids, one column per event, 0 = padding, negative =
-    an item no model has a row for (histories.UNKNOWN_ITEM: never a hit)
-    -> hits (B,) int64.
-    """
-    ordered, _ = topk_items.sort(dim=1)
-    position = torch.searchsorted(ordered, truth).clamp(max=ordered.shape[1] - 1)
-    found = (ordered.gather(1, position) == truth) & (truth > 0)
-    return found.sum(1)
-
-
-def multi_target_precision_recall(topk_items: torch.Tensor, truth: torch.Tensor
+def multi_target_precision_recall(ranks: torch.Tensor, truth: torch.Tensor, k: int
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Precision@k and recall@k of the TDM protocol, per user.
 
     Interpretation of "precision@200 = hits/200, recall@200 = hits/len(ground truth)" with
     "duplicates kept" (TDM, KDD 2018, as used by the HRNN paper): the ground truth is the list of
     the user's future *events*, so an item bought twice is two ground-truth entries; hits = number
-    of ground-truth events whose item appears in the top k (`multi_target_hits`).
-    recall@k = hits / number of ground-truth events, precision@k = hits / k. Because a repeated
-    item can hit several times, precision can exceed |top-k ∩ truth items| / k (and, in the
-    degenerate case of more repeats than k, exceed 1).
+    of ground-truth events whose item ranks in the top k. recall@k = hits / number of ground-truth
+    events, precision@k = hits / k. Because a repeated item can hit several times, precision can
+    exceed |top-k ∩ truth items| / k (and, in the degenerate case of more repeats than k, exceed 1).
 
-    topk_items (B, k), truth (B, M) 0-padded -> (precision (B,), recall (B,)) float64. Unknown
-    items (negative ids) count in the ground truth and are never hit.
+    ranks (B, M) int64 0-based rank of each ground-truth event's item, ties counted against it;
+    truth (B, M) int64 ids, one column per event, 0 = padding (its rank is ignored), negative = an
+    item no model has a row for (give it a rank >= k) -> (precision (B,), recall (B,)) float64.
     Rows with an empty ground truth are an error: recall is undefined for them.
     """
     sizes = (truth != 0).sum(1)
     if (sizes == 0).any():
         raise ValueError("multi_target_precision_recall: a row has an empty ground truth")
-    found = multi_target_hits(topk_items, truth).double()
-    return found / topk_items.shape[1], found / sizes.double()
+    found = ((_ranks(ranks) < k) & (truth != 0)).sum(1).double()
+    return found / k, found / sizes.double()

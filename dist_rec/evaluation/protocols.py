@@ -361,8 +361,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
 def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: Sequence[int],
                   max_length: int, data_config: DataConfig | None, batch_size: int,
                   progress: bool, desc: str) -> dict[str, float]:
-    """Top-k of each user at the time of its first ground-truth event against its ground truth,
-    for every k in `cutoffs` from one top-max(cutoffs) list."""
+    """Each user at the time of its first ground-truth event against its ground truth, for every
+    k in `cutoffs` from one pass over the catalog (`_truth_ranks`)."""
     cutoffs = sorted(set(cutoffs))
     k = cutoffs[-1]
     now = np.array([t[0] for t in truth.timestamps], np.int64)
@@ -371,15 +371,14 @@ def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: 
     first_ranks = []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
                                 progress, desc, truth.request_contexts()):
-        top = ranker.topk(batch, k)                                            # (B, k)
         expected = pad_sequence([torch.as_tensor(truth.items[r]) for r in rows],
                                 batch_first=True)                              # (B, M)
+        ranks = _truth_ranks(ranker, batch, expected, k)                       # (B, M)
         for c in cutoffs:
-            p, r = multi_target_precision_recall(top[:, :c], expected)
+            p, r = multi_target_precision_recall(ranks, expected, c)
             precision[c].append(p)
             recall[c].append(r)
-        match = top == expected[:, :1]
-        first_ranks.append(torch.where(match.any(1), match.long().argmax(1), k))
+        first_ranks.append(ranks[:, 0])
     if not first_ranks:
         raise ValueError(f"{desc}: no user to evaluate")
     out: dict[str, float] = {}
@@ -391,6 +390,25 @@ def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: 
     out.update(rank_metrics(torch.cat(first_ranks), cutoffs, ("ndcg", "mrr")))
     out["count"] = float(sum(len(r) for r in first_ranks))
     return out
+
+
+def _truth_ranks(ranker: Ranker, batch: SequenceBatch, truth: torch.Tensor, k: int) -> torch.Tensor:
+    """truth (B, M) item ids (0 = padding, negative = unknown) -> (B, M) int64 full-catalog ranks,
+    ties against the item, exact below k; k for every item ranked k or lower and for unknown items.
+
+    From the ranker's k + 1 best items: every item that scores at least as much as one above the
+    (k + 1)-th best score is among those k + 1, so counting them there gives its rank; one at or
+    below that score has k others at least as good. Both sides are scored by candidate_scores, so
+    an item scores the same in the list and in the truth, and exact ties are seen as ties.
+    """
+    top = ranker.topk(batch, k + 1)                                            # (B, k + 1)
+    scores = ranker.candidate_scores(batch, torch.cat([top, truth.clamp(min=1)], 1))
+    # Empty slots (0) mean a catalog of k items or fewer: then nothing is outside the list.
+    listed = scores[:, :k + 1].masked_fill(top == 0, -math.inf).sort(1).values  # ascending
+    mine = scores[:, k + 1:]
+    at_least = (k + 1) - torch.searchsorted(listed, mine.contiguous())       # listed items >= mine
+    inside = (mine > listed[:, :1]) & (truth > 0)
+    return torch.where(inside, at_least - 1, k)                               # minus the item itself
 
 
 def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | None = 10_000,
@@ -407,10 +425,10 @@ def tdm_first_half(ranker: Ranker, histories, k: int = 200, num_users: int | Non
     kept. `now` = timestamp of the first ground-truth event. Top-k over the full catalog, seen items
     NOT excluded. Events on unknown items (UNKNOWN_ITEM: items only held-out users touched) count
     in n and in the ground truth, where no model can hit them, and are left out of the input.
-    Per user, with hits = ground-truth events whose item is in the top k
-    (metrics.multi_target_precision_recall): precision@k = hits / k, recall@k = hits / n_truth;
-    hr@k = share of users with a hit; ndcg@k and mrr@k score the first ground-truth item at its
-    position in the returned top-k list (ties ordered as the ranker returned them; absent = miss).
+    Per user, with hits = ground-truth events whose item ranks in the top k, a tie with other
+    items counted against it (metrics.multi_target_precision_recall): precision@k = hits / k,
+    recall@k = hits / n_truth; hr@k = share of users with a hit; ndcg@k and mrr@k score the
+    first ground-truth item at its rank (ties against it).
     All averaged over users; count = users. `ks`: more cutoffs (<= k) reported from the same list.
     """
     if any(c > k for c in ks):

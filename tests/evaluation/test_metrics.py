@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from dist_rec.evaluation.metrics import (hits, multi_target_hits, multi_target_precision_recall,
-                                         ndcg, perplexity, precision, rank_metrics,
-                                         reciprocal_rank)
+from dist_rec.evaluation.metrics import (hits, multi_target_precision_recall, ndcg, perplexity,
+                                         precision, rank_metrics, reciprocal_rank)
 
 
 def test_single_target_metrics_by_hand():
@@ -47,19 +46,18 @@ def test_perplexity():
 
 
 def test_multi_target_duplicates_kept():
-    # Row 0: truth events 3, 3, 7, 5 (+ padding); top-3 = 5, 3, 9 -> hits 3, 3, 5 = 3 of 4 events.
-    # Row 1: truth 4 only; top list has an empty slot (0) that must not match the padding zeros.
-    top = torch.tensor([[5, 3, 9], [1, 2, 0]])
+    # Row 0: truth events 3, 3, 7, 5 (+ padding) at ranks 1, 1, 4, 0: 3 of 4 events in the top 3.
+    # Row 1: truth 4 at rank 3 and padding whose rank (0 here) must not count.
+    ranks = torch.tensor([[1, 1, 4, 0, 0], [3, 0, 0, 0, 0]])
     truth = torch.tensor([[3, 3, 7, 5, 0], [4, 0, 0, 0, 0]])
-    assert multi_target_hits(top, truth).tolist() == [3, 0]
-    p, r = multi_target_precision_recall(top, truth)
+    p, r = multi_target_precision_recall(ranks, truth, 3)
     assert p.tolist() == pytest.approx([3 / 3, 0.0])
     assert r.tolist() == pytest.approx([3 / 4, 0.0])
-    # Items present only once in the truth: p = |top ∩ truth| / k.
-    p, r = multi_target_precision_recall(torch.tensor([[8, 1, 2, 6]]), torch.tensor([[6, 7, 9]]))
-    assert (p.item(), r.item()) == pytest.approx((1 / 4, 1 / 3))
+    p, r = multi_target_precision_recall(ranks, truth, 4)
+    assert p.tolist() == pytest.approx([3 / 4, 1 / 4])
+    assert r.tolist() == pytest.approx([3 / 4, 1.0])
 
 
 def test_multi_target_empty_truth_is_an_error():
     with pytest.raises(ValueError, match="empty ground truth"):
-        multi_target_precision_recall(torch.tensor([[1, 2]]), torch.tensor([[0, 0]]))
+        multi_target_precision_recall(torch.tensor([[1, 2]]), torch.tensor([[0, 0]]), 2)

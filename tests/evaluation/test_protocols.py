@@ -21,6 +21,7 @@ from dist_rec.evaluation.protocols import (ModelRanker, next_hour, session_every
                                            session_last_item, split_leave_one_out,
                                            tdm_first_half, user_leave_one_out)
 from dist_rec.models.base import NextItemModel
+from dist_rec.models.baselines import most_pop
 
 V = 6
 
@@ -286,6 +287,33 @@ def test_tdm_first_half_by_hand(now_spy):
     assert ranker.batches[0].event_types[1, -1] == 2
     with pytest.raises(ValueError, match=r"ks=\[2, 5\] must be <= k=3"):
         tdm_first_half(ranker, tdm_histories(), k=3, ks=(2, 5), progress=False)
+
+
+class FixedScores(Successor):
+    """The same scores whatever the input: items 1..6 score 5, 4, 4, 3, 3, 1 (ties at 4 and 3)."""
+
+    def _scores(self, batch):
+        self.batches.append(batch)
+        return torch.tensor([-math.inf, 5, 4, 4, 3, 3, 1]).expand(len(batch.items), -1)
+
+
+def test_tdm_ties_count_against_the_ground_truth():
+    """Input [1, 6], truth [2, 1, 4]. At k = 2, item 2 ties with item 3 at the cut (rank 2 with
+    ties against it): a miss whichever of the two a top-k list puts first. At k = 3 it is a
+    hit at rank 2; item 4 ties with item 5 at the cut and misses."""
+    users = Histories.from_items([[1, 6, 2, 1, 4]], timestamps=[[1, 2, 3, 4, 5]])
+    out = tdm_first_half(FixedScores(), users, k=3, ks=(2,), min_events=5, progress=False)
+    assert out == pytest.approx({
+        "precision@2": 1 / 2, "recall@2": 1 / 3, "hr@2": 1.0, "ndcg@2": 0.0, "mrr@2": 0.0,
+        "precision@3": 2 / 3, "recall@3": 2 / 3, "hr@3": 1.0, "ndcg@3": 1 / math.log2(4),
+        "mrr@3": 1 / 3, "count": 1.0})
+    # A scorer that knows nothing (every item ties) hits nothing, at any k.
+    blind = most_pop(V).fit(np.zeros(0, np.int64))
+    out = tdm_first_half(blind, users, k=3, ks=(1,), min_events=5, progress=False)
+    assert out["recall@3"] == out["recall@1"] == out["ndcg@3"] == out["mrr@3"] == 0.0
+    # A catalog no larger than k: every item is in the list, and ranks are still exact.
+    out = next_hour(FixedScores(), users, hour_start=3, k=V, progress=False)
+    assert out["precision@6"] == pytest.approx(3 / 6) and out["mrr@6"] == pytest.approx(1 / 3)
 
 
 def test_tdm_first_half_from_table_truncated_and_sampled():
