@@ -51,7 +51,17 @@ class PopularityRanker:
                 now = int(timestamps.max()) + 1 if timestamps.numel() else 0
             start = now - self.window_hours * 3600
             items = items[(timestamps >= start) & (timestamps < now)]
-        counts = torch.bincount(items, minlength=self.num_items + 1).to(torch.float64)
+        return self.fit_counts(torch.bincount(items, minlength=self.num_items + 1))
+
+    def fit_counts(self, counts) -> "PopularityRanker":
+        """counts (num_items + 1,) events per id, entry 0 (padding) ignored: the counts without
+        the events, e.g. PreparedData.item_counts."""
+        counts = torch.as_tensor(counts).to(torch.float64).reshape(-1).cpu().clone()
+        if counts.numel() != self.num_items + 1:
+            raise ValueError(f"PopularityRanker.fit_counts: {counts.numel()} counts for "
+                             f"{self.num_items} items and the padding id")
+        if bool((counts[1:] < 0).any()):
+            raise ValueError("PopularityRanker.fit_counts: counts must be >= 0")
         counts[0] = float("-inf")
         self.counts = counts
         # Stable descending sort: equal counts keep increasing id order.

@@ -61,11 +61,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # be older than our newest commit (a worker may die between the commit and the report).
     resume_path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
                                                  generator, prepared.vocab_hash, world_size)
+    item_counts = prepared.item_counts    # the sampler's; saved with every checkpoint
     if resume_path:
         logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,
                     position["epoch"], position["step"])
         if position["item_counts"] is not None:
-            loss_fn.update_counts(position["item_counts"].numpy())
+            item_counts = position["item_counts"].numpy()
+            loss_fn.update_counts(item_counts)
     if rank == 0:   # what is newer than the resumed step is unusable, and would block its replay
         checkpoint.discard_newer(config.storage, config.run_name, position["step"])
     _barrier()
@@ -74,7 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.encoder = DistributedDataParallel(encoder)
 
     shard = ray.train.get_dataset_shard("train")
-    step = position["step"]
+    step, reported = position["step"], False
     for epoch in range(position["epoch"], config.train.epochs):
         if _reached(config, step):     # a retry of a run that already hit --max-steps
             break
@@ -99,10 +101,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
                    **_evaluate(model, prepared, config, rank, world_size, sharded)}
         path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
-                          rank, world_size, prepared.vocab_hash, _barrier, prepared.item_counts)
-        metrics["checkpoint"] = path
-        ray.train.report(metrics, checkpoint=_ray_checkpoint(path, config),
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+                          rank, world_size, prepared.vocab_hash, _barrier, item_counts)
+        _report({**metrics, "checkpoint": path}, config)
+        reported = True
+    if not reported and resume_path:
+        # Nothing left to train: a retry after the last checkpoint was committed but before it
+        # was reported (or a rerun of a complete run without its summary). Report the restored
+        # checkpoint's evaluation, or the job would end without its result.
+        _report({"epoch": position["epoch"], "step": step, "checkpoint": resume_path,
+                 **_evaluate(model, prepared, config, rank, world_size, sharded)}, config)
+
+
+def _report(metrics: dict, config: JobConfig) -> None:
+    ray.train.report(metrics, checkpoint=_ray_checkpoint(metrics["checkpoint"], config),
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def _reached(config: JobConfig, step: int) -> bool:

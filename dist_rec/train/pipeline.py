@@ -16,7 +16,6 @@ import os
 import posixpath
 import time
 
-import numpy as np
 import pyarrow.compute as pc
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,7 +85,8 @@ def run(job: JobSpec) -> dict[str, Any]:
 
     A run resumes from its newest complete checkpoint. If that one already has every epoch (or
     --max-steps steps), there is nothing to train: the saved summary comes back, marked
-    `already_complete`.
+    `already_complete`; without a readable summary the workers evaluate that checkpoint again
+    and write one (`epochs` None: nothing trained).
     """
     started = time.perf_counter()
     config = job.config
@@ -97,7 +97,11 @@ def run(job: JobSpec) -> dict[str, Any]:
         _check_same_model(manifest, config, resume_from)
         resumed_epoch = int(manifest.get("epoch", 0))
         if resumed_epoch >= config.train.epochs or 0 < config.train.max_steps <= manifest["step"]:
-            return {**_load_summary(config, resume_from), "already_complete": True}
+            saved = _saved_summary(config)
+            if saved is not None:
+                return {**saved, "already_complete": True}
+            logger.warning("run %r is complete at %s but has no readable summary.json: "
+                           "evaluating that checkpoint again", config.run_name, resume_from)
     prepared = prepare_data(job)
     check_test_users(prepared.test_histories().num_rows, config)   # before an epoch is trained
     ensure_ray(job.ray_address)
@@ -105,8 +109,7 @@ def run(job: JobSpec) -> dict[str, Any]:
     if result.error:
         raise result.error
     model_metrics = {k: v for k, v in result.metrics.items()}
-    counts = prepared.item_counts
-    popular = most_pop(len(counts) - 1).fit(np.repeat(np.arange(len(counts)), counts))
+    popular = most_pop(prepared.dimensions.num_items).fit_counts(prepared.item_counts)
     baseline = tdm_first_half(popular, prepared.test_histories(), k=200, ks=(20,), num_users=None,
                               data_config=job.config.data, progress=False)
     if "value_rmse" in model_metrics:
@@ -114,7 +117,9 @@ def run(job: JobSpec) -> dict[str, Any]:
     summary = {"run": config.run_name, "model": config.model.name, "metrics": model_metrics,
                "most_pop": baseline, "checkpoint": model_metrics["checkpoint"],
                "items": prepared.dimensions.num_items, "train_events": prepared.num_train_events,
-               "resumed_from": resume_from, "epochs": [resumed_epoch + 1, config.train.epochs],
+               "resumed_from": resume_from,
+               "epochs": ([resumed_epoch + 1, config.train.epochs]
+                          if model_metrics["checkpoint"] != resume_from else None),
                "seconds": time.perf_counter() - started, "summary": _summary_uri(config),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     fs, path = filesystem(config.storage, summary["summary"])
@@ -140,14 +145,12 @@ def _check_same_model(manifest: dict[str, Any], config: JobConfig, where: str) -
             + "): give this run its own --run-name, or the same model settings to resume it")
 
 
-def _load_summary(config: JobConfig, where: str) -> dict[str, Any]:
+def _saved_summary(config: JobConfig) -> dict[str, Any] | None:
     fs, path = filesystem(config.storage, _summary_uri(config))
     try:
         return json.loads(fs.cat_file(path))
     except (FileNotFoundError, json.JSONDecodeError):
-        raise SystemExit(f"run {config.run_name!r} is already complete ({where}, epoch "
-                         f"{config.train.epochs}) and has no readable summary.json: raise --epochs "
-                         f"to train on, or give another --run-name") from None
+        return None
 
 
 def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:
@@ -163,15 +166,17 @@ def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:
 def format_summary(summary: dict[str, Any]) -> str:
     m, p = summary["metrics"], summary["most_pop"]
     ratio = m["recall@200"] / max(p["recall@200"], 1e-12)
-    first, last = summary["epochs"]
     if summary.get("already_complete"):
         trained = (f"run {summary['run']!r} was already complete: nothing trained now; its summary "
                    f"of {summary['finished']} (raise --epochs to train on, or give another "
                    f"--run-name)")
+    elif summary["epochs"] is None:
+        trained = f"nothing left to train: evaluated {summary['checkpoint']} again"
     elif summary["resumed_from"]:
+        first, last = summary["epochs"]
         trained = f"resumed from {summary['resumed_from']}; trained epochs {first}..{last}"
     else:
-        trained = f"trained epochs 1..{last}"
+        trained = f"trained epochs 1..{summary['epochs'][1]}"
     lines = [
         trained,
         f"{summary['model']} on {summary['items']:,} items, {summary['train_events']:,} training "

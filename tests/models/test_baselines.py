@@ -81,6 +81,10 @@ def test_recent_pop_counts_only_the_window_before_now():
     assert recent_pop(4, hours=2).fit(items, times).counts[1:].tolist() == [0.0, 2.0, 1.0, 2.0]
     # MostPop ignores time altogether.
     assert most_pop(4).fit(items, times).counts[1:].tolist() == [3.0, 2.0, 1.0, 2.0]
+    # The same counts given as counts rank the same (padding's count ignored).
+    from_counts = most_pop(4).fit_counts(np.array([9, 3, 2, 1, 2]))
+    assert torch.equal(from_counts.counts, most_pop(4).fit(items).counts)
+    assert from_counts.topk(batch_of(1), 4).tolist() == [[1, 2, 4, 3]]
 
 
 def test_bad_input_is_named():
@@ -94,6 +98,10 @@ def test_bad_input_is_named():
         PopularityRanker(4, window_hours=0)
     with pytest.raises(RuntimeError, match="call fit"):
         most_pop(4).topk(batch_of(1), 2)
+    with pytest.raises(ValueError, match="4 counts for 4 items and the padding id"):
+        most_pop(4).fit_counts([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        most_pop(2).fit_counts([0, 1, -1])
     with pytest.raises(ValueError, match=r"targets must be in 1\.\.4"):
         most_pop(4).fit([1]).target_ranks(batch_of(1), torch.tensor([0]))
 

@@ -71,12 +71,24 @@ def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
 
 def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path):
     """--max-steps 3 of 2 epochs (~5 steps each): 3 steps in all, the cut epoch counted as done;
-    the same command again finds the cap reached and trains no further step."""
+    the same command again finds the cap reached and trains no further step, and without the
+    run's summary evaluates the checkpoint again."""
     command = ("--max-steps", "3", "--epochs", "2", "--run-name", "capped")
     first = pipeline.run(smoke_job(tmp_path, *command))
     assert (first["metrics"]["step"], first["metrics"]["epoch"]) == (3, 1)
     again = pipeline.run(smoke_job(tmp_path, *command))
     assert again["already_complete"] and again["metrics"]["step"] == 3
+
+    # Complete, but its summary lost (as when a worker dies between the last commit and its
+    # report): the workers restore the checkpoint, train nothing, and report its evaluation.
+    (tmp_path / "runs" / "capped" / "summary.json").unlink()
+    evaluated = pipeline.run(smoke_job(tmp_path, *command))
+    assert evaluated["checkpoint"] == first["checkpoint"] and evaluated["epochs"] is None
+    ranking = {k: v for k, v in first["metrics"].items() if "@" in k}
+    assert ranking and {k: evaluated["metrics"][k] for k in ranking} == pytest.approx(ranking)
+    assert pipeline.format_summary(evaluated).startswith(
+        f"nothing left to train: evaluated {first['checkpoint']} again")
+    assert (tmp_path / "runs" / "capped" / "summary.json").exists()
 
 
 def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
