@@ -126,8 +126,11 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
     """base <- --config file <- flags <- --set, later wins."""
     raw = base.to_dict()
     if args.config:
-        with open(args.config) as f:
-            raw = JobConfig.from_dict(json.load(f)).to_dict()
+        try:
+            with open(args.config) as f:
+                raw = JobConfig.from_dict(json.load(f)).to_dict()
+        except (OSError, TypeError, ValueError) as error:   # JSONDecodeError is a ValueError
+            raise SystemExit(f"--config {args.config}: {error}") from None
     for flag, (path, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:

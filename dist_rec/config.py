@@ -97,6 +97,18 @@ class TrainConfig:
     log_every: int = 50
     torch_threads: int = 0               # 0 = leave torch's default
 
+    def __post_init__(self):
+        # Checked here, not where Ray's workers would fail on them (and be retried).
+        for name in ("num_workers", "batch_size", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.dense_lr > 0 and self.sparse_lr > 0 and self.cpus_per_worker > 0):
+            raise ValueError(f"TrainConfig: dense_lr, sparse_lr and cpus_per_worker must be > 0, got "
+                             f"{self.dense_lr}, {self.sparse_lr}, {self.cpus_per_worker}")
+
 
 @dataclass(frozen=True)
 class StorageConfig:

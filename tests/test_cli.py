@@ -49,6 +49,24 @@ def test_a_typo_through_set_or_config_fails_before_any_work(tmp_path):
 def test_a_bad_value_fails_before_any_work():
     with pytest.raises(SystemExit, match="config: StorageConfig.keep_last must be >= 1, got 0"):
         main(["train", "--set", "storage.keep_last=0", "--print-config"])
+    with pytest.raises(SystemExit, match="config: TrainConfig.log_every must be >= 1, got 0"):
+        main(["train", "--set", "train.log_every=0", "--print-config"])
+    with pytest.raises(SystemExit, match="config: TrainConfig.max_steps must be >= 0, got -1"):
+        main(["train", "--max-steps", "-1", "--print-config"])
+
+
+def test_a_bad_config_file_is_named(tmp_path):
+    """A syntax error or an unknown field names the file, as a message, not a traceback."""
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train": {"epochs": 2,}}')
+    with pytest.raises(SystemExit, match=f"--config {broken}: Expecting property name.*line 1 column 24"):
+        main(["train", "--config", str(broken), "--print-config"])
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"trian": {}}')
+    with pytest.raises(SystemExit, match=f"--config {typo}: JobConfig: unknown field 'trian'"):
+        main(["train", "--config", str(typo), "--print-config"])
+    with pytest.raises(SystemExit, match=f"--config {tmp_path / 'missing.json'}: .*No such file"):
+        main(["train", "--config", str(tmp_path / "missing.json"), "--print-config"])
 
 
 def test_the_job_script_usage_names_the_script(capsys):

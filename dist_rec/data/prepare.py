@@ -109,8 +109,9 @@ def read_any_events(config: DataConfig, storage_options: dict[str, Any] | None,
     uri = config.events_uri
     metadata = (config.context_column,) if config.context_column else ()
     metadata += config.user_feature_columns + config.item_feature_columns
-    compression = fsspec.utils.infer_compression(uri)
-    if uri.removesuffix(f".{compression}" if compression else "").endswith(".csv"):
+    # infer_compression names the codec ("gzip" for .gz): drop whatever suffix it recognised.
+    stem = posixpath.splitext(uri)[0] if fsspec.utils.infer_compression(uri) else uri
+    if stem.endswith(".csv"):
         if config.carry_values or metadata:
             raise ValueError(f"{uri}: UserBehavior.csv has no value, context or feature "
                              f"columns, but DataConfig asks for carry_values="

@@ -3,6 +3,7 @@ features, request contexts and event values."""
 from __future__ import annotations
 
 import bz2
+import gzip
 import posixpath
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_metadata_columns_need_parquet_events_that_have_them(tmp_path):
 
 
 def test_parquet_without_optional_columns_and_a_compressed_csv(tmp_path):
-    """category_id and event_type are optional in Parquet events; UserBehavior.csv.bz2 is CSV."""
+    """category_id and event_type are optional in Parquet events; UserBehavior.csv.bz2 and
+    .csv.gz are CSV (fsspec names gzip's codec "gzip", not its suffix)."""
     rows = [(user, item, 100 * user + item) for user in range(1, 4) for item in range(1, 12)]
     users, items, times = zip(*rows)
     pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": times}),
@@ -132,12 +134,14 @@ def test_parquet_without_optional_columns_and_a_compressed_csv(tmp_path):
     assert prepared.dimensions.item_feature_sizes == ()       # no category_id: no item feature
     assert prepared.num_train_events == 2 * 11
 
-    csv = "\n".join(f"{u},{i},7,pv,{t}" for u, i, t in rows) + "\n"
-    (tmp_path / "UserBehavior.csv.bz2").write_bytes(bz2.compress(csv.encode()))
-    compressed = prepare(DataConfig(events_uri=str(tmp_path / "UserBehavior.csv.bz2"),
-                                    window_length=4), str(tmp_path / "from-csv"), test_users=1, seed=0)
-    assert compressed.vocabulary().hash == prepared.vocabulary().hash
-    assert compressed.dimensions.item_feature_sizes == (1,)   # category_id 7
+    csv = "\n".join(f"{u},{i},7,pv,{t}" for u, i, t in rows).encode() + b"\n"
+    for suffix, compress in (("bz2", bz2.compress), ("gz", gzip.compress)):
+        (tmp_path / f"UserBehavior.csv.{suffix}").write_bytes(compress(csv))
+        compressed = prepare(DataConfig(events_uri=str(tmp_path / f"UserBehavior.csv.{suffix}"),
+                                        window_length=4), str(tmp_path / f"from-{suffix}"),
+                             test_users=1, seed=0)
+        assert compressed.vocabulary().hash == prepared.vocabulary().hash
+        assert compressed.dimensions.item_feature_sizes == (1,)   # category_id 7
 
 
 def test_on_object_storage_a_preparation_is_complete_or_refused(s3_storage, tmp_path):
