@@ -79,8 +79,13 @@ class ModelRanker:
         self.num_items = model.tables.num_items
         self.rows_per_call = rows_per_call  # step_ranks: positions ranked per call (score buffer rows)
 
+    @property
+    def max_length(self) -> int | None:
+        """The longest input the encoder reads (learned positions), None = any."""
+        return self.model.max_length
+
     def _last_hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        limit = self.model.max_length
+        limit = self.max_length
         if limit is not None and batch.items.shape[1] > limit:
             # An encoder with learned positions reads its last `limit` steps, as its training
             # windows did; a protocol's longer histories would be out of its range.
@@ -205,10 +210,14 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
     last `max_length` items, None = whole prefix); rank among ALL items, ties against the target.
     recall@k and mrr@k are averaged over events, not sessions. A ranker with `step_ranks` (causal)
     ranks every prefix of a session in one pass over the whole session; otherwise every prefix is
-    its own row.
+    its own row. A ranker whose encoder reads at most `ranker.max_length` steps (SASRec's and
+    ConvRec's learned positions) reads each prefix's last max_length items when a session is longer.
     """
     data_config = data_config or DataConfig()
     kept = _sessions(sessions)
+    limit = getattr(ranker, "max_length", None)
+    if max_length is None and limit is not None and any(len(s) > limit for s in kept):
+        max_length = limit
     step_ranks = getattr(ranker, "step_ranks", None)
     if step_ranks is None or max_length is not None:
         # One pass would let late positions see more than max_length items: a row per prefix.

@@ -20,6 +20,8 @@ from dist_rec.evaluation.histories import Histories, as_histories
 from dist_rec.evaluation.protocols import (ModelRanker, next_hour, session_every_position,
                                            session_last_item, split_leave_one_out,
                                            tdm_first_half, user_leave_one_out)
+from dist_rec.config import ModelConfig
+from dist_rec.models import Dimensions, build_model
 from dist_rec.models.base import NextItemModel
 from dist_rec.models.baselines import most_pop
 
@@ -123,6 +125,18 @@ def test_session_every_position_truncates_prefixes():
     ranker = CausalSuccessor()   # with max_length the one-pass path does not apply: prefix rows
     session_every_position(ranker, [[1, 2, 3, 4]], max_length=2, progress=False)
     assert real_inputs(ranker.batches[0]) == [[1], [1, 2], [2, 3]]
+
+
+def test_session_every_position_keeps_to_the_models_positions():
+    """SASRec with 5 learned positions, on a session of 8: each prefix reads its last 5 items,
+    as a protocol's max_length of 5 would have it (the one-pass path would read 7 and fail)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="sasrec", embedding_dim=8, hidden_dim=8,
+                                    options={"max_length": 5}), Dimensions(V, 0, 4, 1))
+    sessions = [np.array([1, 2, 3, 4, 5, 6, 1, 2]), np.array([3, 4])]
+    got = session_every_position(ModelRanker(model), sessions, ks=[1, 3], progress=False)
+    want = session_every_position(ModelRanker(model), sessions, ks=[1, 3], max_length=5, progress=False)
+    assert got == want and got["count"] == 8
 
 
 def histories_for_loo():
