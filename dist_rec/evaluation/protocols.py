@@ -315,13 +315,14 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     the last `max_length` (50), `now` = the target's timestamp. If more than `max_users` users
     qualify, that many are drawn uniformly without replacement (numpy Generator seeded with
     `seed`). (a) sampled: candidates = the target + `num_negatives` (100) items drawn uniformly with
-    replacement from the items the user NEVER interacted with (train, valid and test: so neither
-    the held-out items nor any seen item is ever a negative; SASRec's own code excludes the
-    training items only, so its valid item, 1 in ~23k a draw on Amazon, can be a negative);
+    replacement from the items the user never interacted with up to the target (for "test" every
+    item of the user: no seen item is ever a negative; SASRec's own code excludes the training
+    items only, so its valid item, 1 in ~23k a draw on Amazon, can be a negative; for "valid" the
+    test item, in the target's future, can be one, as in SASRec's code);
     rank = #{negatives scoring >= the target} among the 101. (b) full: rank over the whole
-    catalog. (c) full_unseen: rank over the items the user never interacted with, the population
-    (a) samples its negatives from, so items the user already has (which a recommender would
-    filter) do not compete. Ties count
+    catalog. (c) full_unseen: rank over the items the user never interacted with up to the target,
+    the population (a) samples its negatives from, so items the user already has (which a
+    recommender would filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count. Same seed, same users and negatives (whatever the batch size).
     `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection
@@ -343,7 +344,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     targets, now = torch.as_tensor(np.concatenate(goal.items)), np.concatenate(goal.timestamps)
     known = targets != UNKNOWN_ITEM
     targets = torch.where(known, targets, 1)         # scored as item 1, then ranked past the end
-    interacted = [h.items[u][h.items[u] != UNKNOWN_ITEM] for u in users]
+    # Up to the target: validation must not know the test item.
+    interacted = [h.items[u][:c + 1][h.items[u][:c + 1] != UNKNOWN_ITEM] for u, c in zip(users, cut)]
     negatives = torch.as_tensor(_negatives(rng, interacted, ranker.num_items, num_negatives))
     interacted = pad_sequence([torch.as_tensor(x) for x in interacted], batch_first=True)  # (U, M)
     sampled, full, unseen = [], [], []

@@ -192,6 +192,16 @@ def test_leave_one_out_full_ranking_over_unseen_items():
     assert out["sampled_mrr@101"] == pytest.approx(1 / 101)
 
 
+def test_leave_one_out_validation_does_not_know_the_test_item():
+    """[3, 1, 5, 4, 2]: valid target 4 after [3, 1, 5]; the test item 2 is in its future, so it
+    competes in the full ranking over unseen items and can be drawn as a negative."""
+    ranker = Successor()
+    out = user_leave_one_out(ranker, [[3, 1, 5, 4, 2]], ks=[2, 3], target="valid", progress=False)
+    # After 5 the order is 6, 1, 2, 3, 4: without the seen 3, 1 and 5, items 6 and 2 are ahead.
+    assert out["full_unseen_hr@2"] == 0.0 and out["full_unseen_mrr@3"] == pytest.approx(1 / 3)
+    assert set(ranker.candidates[0][0, 1:].tolist()) == {2, 6}
+
+
 def test_leave_one_out_sampled_only_skips_the_catalog():
     everything = user_leave_one_out(Successor(), histories_for_loo(), ks=[1, 10], progress=False)
     ranker = Successor()
@@ -236,7 +246,8 @@ def test_leave_one_out_valid_target():
     # user 11: [1,2] -> 3, rank 0; user 13: [2] -> 5, rank (5-2-1) % 6 = 2
     assert real_inputs(ranker.batches[0]) == [[2], [1, 2]]          # shortest first
     assert out["full_hr@1"] == 0.5
-    assert set(ranker.candidates[0][0, 1:].tolist()) <= {3, 4, 6}   # 5 is held out, not negative
+    # User 13: never its target 5 or the seen 2; its test item 1, in the target's future, can be.
+    assert set(ranker.candidates[0][0, 1:].tolist()) == {1, 3, 4, 6}
 
 
 def test_leave_one_out_negatives_uniform_seeded_and_batch_free():
