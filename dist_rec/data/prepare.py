@@ -2,7 +2,8 @@
 
 Layout of a prepared directory (local or s3://):
     meta.json                 sizes, vocabulary hash, counts; written last (its presence = complete)
-    vocab/                    Vocabulary.save
+    vocab/                    Vocabulary.save of the training users and items (test users'
+                              ids in test_histories continue its user ids and are not in it)
     item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
     item_features.npy         (num_items + 1, F) code per item of category_id (when the events
                               have it) and each DataConfig.item_feature_columns (its newest

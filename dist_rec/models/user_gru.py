@@ -106,8 +106,8 @@ class UserGRU(nn.Module):
             self.context_inputs = nn.Linear(item_dim + user_dim, context_dim)
             self.context_hidden = nn.Linear(hidden_dim, context_dim, bias=False)
         if integration == "attentional":
-            # Paper: start near zero, so xi ~ 0.5 everywhere and the cell acts like a plain GRU
-            # until it learns where to look.
+            # Paper: start near zero, so xi ~ 0.5 everywhere: item and user vectors enter at
+            # half weight each until the gate learns where to look.
             for weight in (self.context_inputs.weight, self.context_hidden.weight):
                 nn.init.normal_(weight, std=0.01)
             nn.init.zeros_(self.context_inputs.bias)

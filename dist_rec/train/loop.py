@@ -1,8 +1,9 @@
 """The Ray Train worker: train_loop_per_worker(config dict) runs on every rank.
 
 Rebuild the config, build the parts (model, loss, optimizers), restore the newest checkpoint if
-any, then per epoch: stream this rank's windows through train_step, evaluate this rank's share of
-the test users, checkpoint (every rank its table rows, rank 0 the dense state) and report.
+any, then per epoch: stream this rank's windows through train_step, evaluate the test users (a
+share per rank with replicated tables; all of them, collectively, with sharded ones), checkpoint
+(every rank its table rows, rank 0 the dense state) and report.
 """
 from __future__ import annotations
 
