@@ -15,8 +15,8 @@ Validation is vectorised with pyarrow.compute (no Python loop per row): columns 
 it fails, in this order:
     wrong_column_count       (found by the CSV reader; see readers.py)
     missing_field            empty or null required field
-    non_integer_id           id that is not a non-negative integer of at most 18 digits, or one
-                             past int64 (a uint64 Parquet column)
+    non_integer_id           id that is not a non-negative integer (spaces around it allowed)
+                             that fits int64 (also a uint64 Parquet column's values past it)
     unknown_event_type       behaviour not in DataConfig.event_types
     non_integer_timestamp    timestamp that is not an integer of at most 18 digits
     timestamp_out_of_window  timestamp outside [min_timestamp, max_timestamp)
@@ -184,15 +184,27 @@ def parse_integers(column: pa.ChunkedArray | pa.Array,
         malformed = wrapped if signed else values < 0
         return np.where(malformed, 0, values), missing, malformed
     column = column.cast(pa.string())
-    lengths = pc.fill_null(pc.utf8_length(column), 0)
-    missing = _to_numpy(pc.equal(lengths, 0))
-    # ascii_is_decimal is ~4x faster than a regex; the regex only runs for negative numbers.
-    ok = pc.fill_null(pc.and_(pc.ascii_is_decimal(column), pc.less_equal(lengths, 18)), False)
+    ok, lengths = _int64_decimals(column, nineteen_digits=False)
+    if not pc.all(ok).as_py():   # rare: then " 11" is 11, "  " is missing, 19 digits are checked
+        column = pc.utf8_trim_whitespace(column)
+        ok, lengths = _int64_decimals(column, nineteen_digits=True)
+    missing = _to_numpy(pc.equal(pc.fill_null(lengths, 0), 0))
     if signed and not pc.all(ok).as_py():
         ok = pc.or_(ok, pc.fill_null(pc.match_substring_regex(column, TIMESTAMP_PATTERN), False))
     all_ok = pc.all(ok).as_py() is not False
     values = _to_numpy((column if all_ok else pc.if_else(ok, column, "0")).cast(pa.int64()))
     return values, missing, ~_to_numpy(ok) & ~missing
+
+
+def _int64_decimals(column: pa.Array, nineteen_digits: bool) -> tuple[pa.Array, pa.Array]:
+    """-> (digits only and within int64, nulls False; utf8 lengths). ascii_is_decimal is ~4x faster
+    than a regex. Up to 18 digits always fit; with nineteen_digits a 19-digit string is compared
+    with int64's 9223372036854775807 as text (a pass the clean columns are spared)."""
+    lengths = pc.utf8_length(column)
+    fits = pc.less_equal(lengths, 18)
+    if nineteen_digits:
+        fits = pc.or_(fits, pc.and_(pc.equal(lengths, 19), pc.less_equal(column, str(2 ** 63 - 1))))
+    return pc.fill_null(pc.and_(pc.ascii_is_decimal(column), fits), False), lengths
 
 
 def validate_events(raw: pa.Table, lines: np.ndarray, source: str, config: DataConfig,

@@ -206,6 +206,16 @@ def test_csv_values_beyond_float32_are_bad_values(tmp_path):
         {"line": line, "reason": "bad_value", "field": "value"} for line in (3, 4, 5)]
 
 
+def test_csv_ids_with_spaces_or_19_digits_load_and_ids_past_int64_are_quarantined(tmp_path):
+    path = write(tmp_path / "ids.csv", [" 2, 11 ,5,pv,1511539200", f"{2**63 - 1},12,5,pv,1511539201",
+                                        f"{2**63},13,5,pv,1511539202", "3,  ,5,pv,1511539203"])
+    events, report = read_user_behavior(path)
+    assert columns(events)["user_id"] == [2, 2**63 - 1] and columns(events)["item_id"] == [11, 12]
+    assert report.rows.select(["line", "reason", "field"]).to_pylist() == [
+        {"line": 3, "reason": "non_integer_id", "field": "user_id"},
+        {"line": 4, "reason": "missing_field", "field": "item_id"}]
+
+
 def test_uint64_ids_past_int64_are_quarantined_row_by_row(tmp_path):
     """Hashed ids stored as uint64: one past int64 is a bad row, its neighbours load."""
     pq.write_table(pa.table({"user_id": pa.array([1, 2**63 + 5, 2], pa.uint64()),
