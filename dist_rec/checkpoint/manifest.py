@@ -98,8 +98,13 @@ def redact(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def build_manifest(step: int, world_size: int, receipts: list[dict[str, Any]], *, epoch: int,
-                   vocab_hash: str, config: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """Merge every rank's receipt into the manifest, checking that the shards fit the layout."""
+                   vocab_hash: str, config: Mapping[str, Any] | None,
+                   dimensions: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Merge every rank's receipt into the manifest, checking that the shards fit the layout.
+
+    `dimensions`: the sizes the data gave the model (models.Dimensions as a dict), so a job can
+    tell before it starts workers whether its data would build a model this checkpoint fits.
+    """
     num_rows = sum(receipt["rows"] for receipt in receipts)
     files: dict[str, Any] = {}
     specs = receipts[0]["tables"]
@@ -127,6 +132,7 @@ def build_manifest(step: int, world_size: int, receipts: list[dict[str, Any]], *
         "files": dict(sorted(files.items())),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": redact(config),
+        "dimensions": dict(dimensions) if dimensions is not None else None,
     }
 
 

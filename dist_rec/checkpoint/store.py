@@ -177,7 +177,8 @@ def _copier(storage: StorageConfig, source: str) -> Callable[[BinaryIO], None]:
 
 
 def commit(storage: StorageConfig, run: str, step: int, world_size: int, *, epoch: int = 0,
-           vocab_hash: str = "", config: Mapping[str, Any] | None = None) -> str:
+           vocab_hash: str = "", config: Mapping[str, Any] | None = None,
+           dimensions: Mapping[str, Any] | None = None) -> str:
     """Rank 0, after every rank's write_rank_files returned: write manifest.json; returns the URI.
 
     Collects the ranks' receipts (checksums, sizes, rows), checks the shards fit the modulo layout
@@ -200,7 +201,7 @@ def commit(storage: StorageConfig, run: str, step: int, world_size: int, *, epoc
                              f"{receipt.get('rank')} of {receipt.get('world_size')}")
         receipts.append(receipt)
     manifest = build_manifest(step, world_size, receipts, epoch=epoch, vocab_hash=vocab_hash,
-                              config=config, where=where)
+                              config=config, dimensions=dimensions, where=where)
     problems = size_problems(fs, directory, manifest["files"])
     if problems:
         raise RuntimeError(f"{where}: cannot commit: {'; '.join(problems)}")
@@ -213,10 +214,12 @@ def commit(storage: StorageConfig, run: str, step: int, world_size: int, *, epoc
 def save_checkpoint(storage: StorageConfig, run: str, step: int, tables: Mapping[str, torch.Tensor],
                     dense: Mapping[str, Any] | None = None, *, epoch: int = 0, vocab_hash: str = "",
                     config: Mapping[str, Any] | None = None,
+                    dimensions: Mapping[str, Any] | None = None,
                     extra_files: Mapping[str, str] | None = None) -> str:
     """Single-process save (world size 1): write_rank_files + commit. tables: {name: (rows, ...)}."""
     write_rank_files(storage, run, step, 0, 1, tables, dense, extra_files)
-    return commit(storage, run, step, 1, epoch=epoch, vocab_hash=vocab_hash, config=config)
+    return commit(storage, run, step, 1, epoch=epoch, vocab_hash=vocab_hash, config=config,
+                  dimensions=dimensions)
 
 
 def size_problems(fs: fsspec.AbstractFileSystem, directory: str, files: Mapping[str, Any]) -> list[str]:

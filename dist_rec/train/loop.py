@@ -102,7 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
                    **_evaluate(model, prepared, config, rank, world_size, sharded)}
         path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
-                          rank, world_size, prepared.vocab_hash, _barrier, item_counts)
+                          rank, world_size, prepared.vocab_hash, _barrier, item_counts,
+                          prepared.dimensions)
         _report({**metrics, "checkpoint": path}, config)
         reported = True
     if not reported and resume_path:

@@ -94,7 +94,8 @@ def run(job: JobSpec) -> dict[str, Any]:
     resumed_epoch = 0
     if resume_from:
         manifest = checkpoint.read_manifest(config.storage, resume_from)
-        _check_same_model(manifest, config, resume_from)
+        _check_resumable(config, resume_from, "another model", "the same model settings",
+                         (manifest.get("config") or {}).get("model"), config.to_dict()["model"])
         resumed_epoch = int(manifest.get("epoch", 0))
         if resumed_epoch >= config.train.epochs or 0 < config.train.max_steps <= manifest["step"]:
             saved = _saved_summary(config)
@@ -103,6 +104,13 @@ def run(job: JobSpec) -> dict[str, Any]:
             logger.warning("run %r is complete at %s but has no readable summary.json: "
                            "evaluating that checkpoint again", config.run_name, resume_from)
     prepared = prepare_data(job)
+    if resume_from:   # the rows and the encoder's sizes come from the data: refuse before Ray does
+        recorded = manifest.get("dimensions") is not None   # not by checkpoints of older code
+        _check_resumable(
+            config, resume_from, "a model of other data", "the same events and data settings",
+            {"vocabulary": manifest.get("vocab_hash"), **(manifest.get("dimensions") or {})},
+            {"vocabulary": prepared.vocab_hash,
+             **(dataclasses.asdict(prepared.dimensions) if recorded else {})})
     check_test_users(prepared.test_histories().num_rows, config)   # before an epoch is trained
     ensure_ray(job.ray_address)
     result = run_training(config, prepared.uri)
@@ -132,17 +140,19 @@ def _summary_uri(config: JobConfig) -> str:
     return posixpath.join(config.storage.uri, config.run_name, "summary.json")
 
 
-def _check_same_model(manifest: dict[str, Any], config: JobConfig, where: str) -> None:
-    """Refuse, before any work, to resume a checkpoint of another model configuration: its
-    weights would not load (or, worse, would load into a model they were not trained for)."""
-    saved = (manifest.get("config") or {}).get("model")
-    wanted = json.loads(json.dumps(config.to_dict()["model"]))   # as the manifest stores it
-    if saved is not None and saved != wanted:
-        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise ValueError(
-            f"run {config.run_name!r} has a checkpoint of another model at {where} ("
-            + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
-            + "): give this run its own --run-name, or the same model settings to resume it")
+def _check_resumable(config: JobConfig, where: str, what: str, advice: str,
+                     saved: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
+    """Refuse, before Ray starts a worker, to resume a checkpoint this run's model could not load
+    (or, worse, would load without being the model it was trained as), naming each difference.
+    `saved` is None where the checkpoint does not record it."""
+    wanted = json.loads(json.dumps(wanted))   # as the manifest stores it: tuples become lists
+    if saved is None or saved == wanted:
+        return
+    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    raise ValueError(
+        f"run {config.run_name!r} has a checkpoint of {what} at {where} ("
+        + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in changed)
+        + f"): give this run its own --run-name, or {advice} to resume it")
 
 
 def _saved_summary(config: JobConfig) -> dict[str, Any] | None:

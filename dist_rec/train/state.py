@@ -7,6 +7,7 @@ size. Rank 0 adds the dense state: encoder, dense optimizer, sampler generator, 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from dist_rec import checkpoint
 from dist_rec.config import JobConfig
 from dist_rec.embeddings.sharded import ShardedItemTables
+from dist_rec.models.base import Dimensions
 from dist_rec.train.step import Optimizers
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,11 @@ def load_table_rows(tables: nn.Module, sparse_optimizer: torch.optim.Optimizer,
 
 def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: nn.Module,
          optimizers: Optimizers, generator: torch.Generator, rank: int, world_size: int,
-         vocab_hash: str, barrier, item_counts=None) -> str:
+         vocab_hash: str, barrier, item_counts=None, dimensions: Dimensions | None = None) -> str:
     """Every rank writes its files, then (after `barrier()`) rank 0 commits the manifest.
 
     item_counts (num_items + 1,): the sampler's counts, so a resumed run draws from the same q.
+    dimensions: the data's sizes the model was built with, recorded in the manifest.
     """
     dense = None
     if rank == 0:
@@ -66,7 +69,8 @@ def save(config: JobConfig, step: int, epoch: int, encoder: nn.Module, tables: n
     barrier()
     if rank == 0:
         checkpoint.commit(config.storage, config.run_name, step, world_size, epoch=epoch,
-                          vocab_hash=vocab_hash, config=config.to_dict(redact=True))
+                          vocab_hash=vocab_hash, config=config.to_dict(redact=True),
+                          dimensions=dataclasses.asdict(dimensions) if dimensions else None)
         checkpoint.prune(config.storage, config.run_name, config.storage.keep_last)
     barrier()
     return path

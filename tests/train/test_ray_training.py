@@ -2,6 +2,7 @@
 it trains, evaluates, checkpoints, and a new job with more epochs resumes from the checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     manifest = checkpoint.read_manifest(job.config.storage, first["checkpoint"])
     assert manifest["world_size"] == 2
     assert manifest["num_rows"] == first["items"] + 1
+    assert manifest["dimensions"]["num_items"] == first["items"]   # what the data gave the model
     printed = pipeline.format_summary(first)
     assert "r@200 vs MostPop" in printed and first["checkpoint"] in printed
     assert printed.startswith("trained epochs 1..1")
@@ -67,6 +69,43 @@ def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="1 test users for 2 workers"):
         pipeline.run(smoke_job(tmp_path, "--test-users", "1"))
     assert not (tmp_path / "runs").exists()
+
+
+class RayStarted(Exception):
+    pass
+
+
+def test_a_checkpoint_of_other_data_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """The run's checkpoint was trained on other data: one event type fewer (as before a new
+    type was logged), or another vocabulary. The job refuses it once the data is prepared and
+    before it starts Ray (whose workers would fail to load it, and be retried), naming the
+    difference. A checkpoint of older code, without recorded sizes, is checked on its
+    vocabulary alone."""
+    def ray_started(address):
+        raise RayStarted
+    monkeypatch.setattr(pipeline, "ensure_ray", ray_started)
+    job = smoke_job(tmp_path)
+    prepared = pipeline.prepare_data(job)
+    sizes = dataclasses.asdict(prepared.dimensions)
+    types = sizes["num_event_types"]
+
+    def checkpoint_of(step, vocab_hash, dimensions):
+        checkpoint.save_checkpoint(job.config.storage, "smoke", step, {"input": torch.zeros(3, 2)},
+                                   {"step": step, "epoch": 0}, vocab_hash=vocab_hash,
+                                   config=job.config.to_dict(), dimensions=dimensions)
+
+    checkpoint_of(1, prepared.vocab_hash, {**sizes, "num_event_types": types - 1})
+    with pytest.raises(ValueError, match=rf"a model of other data at .*step-000000001 "
+                                         rf"\(num_event_types: {types - 1} there, {types} here\)"
+                                         rf".*--run-name"):
+        pipeline.run(job)
+    checkpoint_of(2, "0ther", sizes)
+    with pytest.raises(ValueError, match=rf"\(vocabulary: '0ther' there, "
+                                         rf"'{prepared.vocab_hash}' here\)"):
+        pipeline.run(job)
+    checkpoint_of(3, prepared.vocab_hash, None)
+    with pytest.raises(RayStarted):
+        pipeline.run(job)
 
 
 def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path):
