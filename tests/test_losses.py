@@ -159,6 +159,22 @@ def test_in_batch_negatives_against_the_definition_and_mixture_correction():
     torch.testing.assert_close(value, got[0])
 
 
+def test_padding_and_never_drawn_items_in_the_log_q_tables():
+    """Row 0 is padding whatever its count; an item of count 0 (new, or filtered) is never drawn,
+    and as an in-batch candidate gets the rarest drawable item's q, so its logit stays finite."""
+    loss = SampledLoss("sampled_softmax", np.array([5.0, 1.0, 3.0, 0.0]), num_negatives=4,
+                       alpha=1.0, in_batch=True)
+    draws = loss.sampler.sample(4_000, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 2}
+    # q = count / 4 over items 1..2 (the sampler's) and the data's; rows 0 and 3 floored to 1/4.
+    np.testing.assert_allclose(loss.log_q.exp().numpy(), [0.25, 0.25, 0.75, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(loss.log_data_q.exp().numpy(), [0.25, 0.25, 0.75, 0.25], rtol=1e-6)
+    # Expected count among a row's candidates, K = 4 draws and N - 1 = 2 other targets:
+    # item 3: 4 * 1/4 + 2 * 1/4 = 1.5; item 2: 4 * 3/4 + 2 * 3/4 = 4.5.
+    np.testing.assert_allclose(loss.correction(torch.tensor([3, 2]), 3).exp().numpy(), [1.5, 4.5],
+                               rtol=1e-6)
+
+
 def test_workspace_is_reused_only_once_the_graph_that_saved_it_is_gone():
     """Forwards whose graphs are alive get their own buffers, so gradients are exact whether
     graphs are backpropagated one by one, together, or twice (retain_graph)."""
