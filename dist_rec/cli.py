@@ -98,8 +98,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     choices = flag_choices()
     for flag, (path, kind, text) in TRAIN_FLAGS.items():
         default = _get(defaults, path)
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=text)
+        if kind is bool:   # --no-gpu too: a --config may have turned it on
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {'on' if default else 'off'})")
         elif flag in choices:
             named = all(name in text for name in choices[flag])   # the help names them already
             listed = "" if named else f": {', '.join(choices[flag])}"
@@ -128,9 +129,13 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
     if args.config:
         try:
             with open(args.config) as f:
-                raw = JobConfig.from_dict(json.load(f)).to_dict()
+                loaded = json.load(f)
+            JobConfig.from_dict(loaded)      # checked alone, so that an error names the file
         except (OSError, TypeError, ValueError) as error:   # JSONDecodeError is a ValueError
             raise SystemExit(f"--config {args.config}: {error}") from None
+        for section, value in loaded.items():    # over base: a file may hold a few fields
+            for name, field_value in (value.items() if isinstance(value, dict) else [("", value)]):
+                _put(raw, f"{section}.{name}" if name else section, field_value)
     for flag, (path, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -162,13 +163,15 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "JobConfig":
+        if not isinstance(raw, dict):
+            raise TypeError(f"JobConfig: expected an object of sections, got {raw!r}")
         parts = {f.name: f.type for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for name, value in raw.items():
             if name not in parts:
                 raise ValueError(f"JobConfig: unknown field {name!r}")
             sub = _SECTIONS.get(name)
-            kwargs[name] = _build(sub, value) if sub else value
+            kwargs[name] = _build(sub, value) if sub else _typed(f"JobConfig.{name}", str, value)
         return cls(**kwargs)
 
     def replace(self, **sections: Any) -> "JobConfig":
@@ -181,12 +184,34 @@ class JobConfig:
 
 
 def _build(cls: type, value: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = set(value) - known
+    if not isinstance(value, dict):
+        raise TypeError(f"{cls.__name__}: expected an object of fields, got {value!r}")
+    kinds = typing.get_type_hints(cls)
+    unknown = set(value) - set(kinds)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
-    # JSON turns tuples into lists; frozen dataclasses want them back as tuples.
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    return cls(**{name: _typed(f"{cls.__name__}.{name}", kinds[name], v) for name, v in value.items()})
+
+
+def _typed(where: str, kind: Any, value: Any) -> Any:
+    """`value` as a field of type `kind` wants it, or a TypeError naming the field: a config file
+    or --set gives JSON, where "false" is a true string and "64" no number."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:           # JSON gives a list; frozen dataclasses want a tuple
+        item = typing.get_args(kind)[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, item) for v in value):
+            return tuple(value)
+        raise TypeError(f"{where}: expected a list of {item.__name__}, got {value!r}")
+    if origin is dict and typing.get_args(kind)[1] is float and isinstance(value, dict):
+        return {k: _typed(f"{where}[{k!r}]", float, v) for k, v in value.items()}
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(origin or kind,
+                                                                              (origin or kind,))
+    # bool is an int to Python, not to a config: `true` for a size is a slip.
+    if isinstance(value, expected) and (kind is bool or not isinstance(value, bool)):
+        return float(value) if kind is float else value
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "an object"}.get(origin or kind, str(kind))
+    raise TypeError(f"{where}: expected {name}, got {value!r}")
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "sampler": SamplerConfig,

@@ -89,3 +89,41 @@ def test_a_printed_config_reproduces_the_job(tmp_path, capsys):
     assert reloaded == expected
     assert (reloaded.synthetic.num_users, reloaded.synthetic.num_items) == (1_500, 5_000)
     assert reloaded.config.data.test_users == 120
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train": {"use_gpu": "false"}}, "TrainConfig.use_gpu: expected true or false, got 'false'"),
+    ({"model": {"hidden_dim": "64"}}, "ModelConfig.hidden_dim: expected an integer, got '64'"),
+    ({"data": {"num_delta_buckets": 16.5}}, "DataConfig.num_delta_buckets: expected an integer"),
+    ({"data": {"event_types": "pv"}}, "DataConfig.event_types: expected a list of str, got 'pv'"),
+    ({"storage": {"uri": 5}}, "StorageConfig.uri: expected a string, got 5"),
+    ({"sampler": {"event_weights": {"pv": "x"}}},
+     r"SamplerConfig.event_weights\['pv'\]: expected a number"),
+    ({"train": 3}, "TrainConfig: expected an object of fields, got 3"),
+])
+def test_a_value_of_the_wrong_type_is_named_before_any_work(tmp_path, fields, message):
+    """JSON has no field types: "false" is a true string, "64" no size. Each is refused naming
+    the file and the field, where it would otherwise reach the Ray workers (or turn a GPU on)."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(SystemExit, match=f"--config {path}: {message}"):
+        main(["train", "--config", str(path), "--print-config"])
+    section, values = next(iter(fields.items()))
+    if isinstance(values, dict) and len(values) == 1:   # the same value through --set
+        [(name, value)] = values.items()
+        with pytest.raises(SystemExit, match=message):
+            main(["train", "--set", f"{section}.{name}={json.dumps(value)}", "--print-config"])
+
+
+def test_a_config_file_sets_its_fields_over_the_smoke_test_and_flags_over_both(tmp_path, capsys):
+    """base (--smoke-test) <- --config (a few fields) <- flags: the file does not bring back the
+    full-size defaults it does not name, and --no-gpu turns off what the file turned on."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"use_gpu": True, "epochs": 3}, "run_name": "mine"}))
+    assert main(["train", "--smoke-test", "--config", str(path), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["run_name"], printed["train"]["epochs"], printed["train"]["use_gpu"]) == (
+        "mine", 3, True)
+    assert (printed["model"]["hidden_dim"], printed["generate"]["num_items"]) == (32, 5_000)
+    assert main(["train", "--smoke-test", "--config", str(path), "--no-gpu", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["use_gpu"] is False
