@@ -85,8 +85,8 @@ def run(job: JobSpec) -> dict[str, Any]:
 
     A run resumes from its newest complete checkpoint. If that one already has every epoch (or
     --max-steps steps), there is nothing to train: the saved summary comes back, marked
-    `already_complete`; without a readable summary the workers evaluate that checkpoint again
-    and write one (`epochs` None: nothing trained).
+    `already_complete`; without a readable summary of that checkpoint on the data this job asks
+    for, the workers evaluate the checkpoint again and write one (`epochs` None: nothing trained).
     """
     started = time.perf_counter()
     config = job.config
@@ -99,10 +99,11 @@ def run(job: JobSpec) -> dict[str, Any]:
         resumed_epoch = int(manifest.get("epoch", 0))
         if resumed_epoch >= config.train.epochs or 0 < config.train.max_steps <= manifest["step"]:
             saved = _saved_summary(config)
-            if saved is not None:
+            if saved is not None and _evaluated_alike(saved, resume_from, config):
                 return {**saved, "already_complete": True}
-            logger.warning("run %r is complete at %s but has no readable summary.json: "
-                           "evaluating that checkpoint again", config.run_name, resume_from)
+            logger.warning("run %r is complete at %s, and its summary.json is missing or was not "
+                           "evaluated on this data: evaluating that checkpoint again",
+                           config.run_name, resume_from)
     prepared = prepare_data(job)
     if resume_from:   # the rows and the encoder's sizes come from the data: refuse before Ray does
         recorded = manifest.get("dimensions") is not None   # not by checkpoints of older code
@@ -129,7 +130,8 @@ def run(job: JobSpec) -> dict[str, Any]:
                "epochs": ([resumed_epoch + 1, config.train.epochs]
                           if model_metrics["checkpoint"] != resume_from else None),
                "seconds": time.perf_counter() - started, "summary": _summary_uri(config),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "config": config.to_dict(redact=True)}
     fs, path = filesystem(config.storage, summary["summary"])
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, json.dumps(summary, indent=2).encode())
@@ -161,6 +163,16 @@ def _saved_summary(config: JobConfig) -> dict[str, Any] | None:
         return json.loads(fs.cat_file(path))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _evaluated_alike(summary: dict[str, Any], checkpoint_path: str, config: JobConfig) -> bool:
+    """Whether `summary` holds the evaluation this job would make: of that checkpoint, on the same
+    events, data settings and seed (which picks the test users)."""
+    then = summary.get("config") or {}
+    now = json.loads(json.dumps(config.to_dict(redact=True)))   # as summary.json stores it
+    return (summary.get("checkpoint") == checkpoint_path
+            and all(then.get(section) == now[section] for section in ("data", "generate"))
+            and (then.get("train") or {}).get("seed") == now["train"]["seed"])
 
 
 def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:

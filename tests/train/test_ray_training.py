@@ -129,6 +129,15 @@ def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path
         f"nothing left to train: evaluated {first['checkpoint']} again")
     assert (tmp_path / "runs" / "capped" / "summary.json").exists()
 
+    # Complete, but asked for other sessions (a 10-minute gap, not 30): its summary is not of
+    # this data, so it evaluates the checkpoint again; the same command then finds that summary.
+    shorter = (*command, "--set", "data.session_gap_seconds=600")
+    other = pipeline.run(smoke_job(tmp_path, *shorter))
+    assert other["epochs"] is None and not other.get("already_complete")
+    assert other["config"]["data"]["session_gap_seconds"] == 600
+    again = pipeline.run(smoke_job(tmp_path, *shorter))
+    assert again["already_complete"] and again["metrics"] == other["metrics"]
+
 
 def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
     """Window shards of 300 rows (~10 files, so Ray Data reads several blocks at once): two runs
