@@ -9,8 +9,12 @@
 `python jobs/taobao_hrnn.py --help` lists every option.
 """
 import sys
+from pathlib import Path
 
-from dist_rec.cli import main
+# This checkout's dist_rec (as `ray job submit --working-dir .` ships it), not another install.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_rec.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]], train_prog="python jobs/taobao_hrnn.py"))

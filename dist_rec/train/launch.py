@@ -22,23 +22,41 @@ from dist_rec.train.loop import train_loop_per_worker
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (RAY_ADDRESS / `address`) or start an embedded local one.
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to a cluster (RAY_ADDRESS / `address`) or start an embedded local one; returns
+    whether Ray is local (no address given): then its resources are all it will ever have.
 
     The local one advertises one CPU more than the machine has: the training workers reserve
     a CPU each, and Ray Data's read tasks need one left over or the stream never starts. It runs
     the dashboard: Ray Train's placement-group cleaner polls the state API it serves (without it,
     a warning every few seconds), and users get the dashboard's view of the run (~2 s at start).
     """
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return not address
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or (os.cpu_count() or 1) + 1, include_dashboard=True, log_to_driver=True,
                  # Workers import dist_rec from this checkout, like the driver does.
                  runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}})
+    return not address
+
+
+def check_fits(config: JobConfig, resources: dict[str, float]) -> None:
+    """Refuse a job that a Ray which cannot grow (the local one) could never place: Ray Train
+    would wait for the GPUs without end, and workers holding every CPU starve the data stream."""
+    workers, cpus = config.train.num_workers, config.train.cpus_per_worker
+    if config.train.use_gpu and resources.get("GPU", 0) < workers:
+        raise ValueError(f"--gpu: {workers} worker(s) need a GPU each and the local Ray has "
+                         f"{resources.get('GPU', 0):g}: train without --gpu, or join a cluster with "
+                         f"GPUs (--ray-address)")
+    needed = workers * cpus + 1
+    if needed > resources.get("CPU", 0):
+        raise ValueError(f"--workers {workers} with {cpus:g} CPU each, and one CPU for reading the "
+                         f"data, need {needed:g} CPUs; the local Ray has "
+                         f"{resources.get('CPU', 0):g}: give fewer --workers (or less "
+                         f"train.cpus_per_worker), or join a cluster (--ray-address)")
 
 
 def _repo_root() -> str:

@@ -17,6 +17,7 @@ import posixpath
 import time
 
 import pyarrow.compute as pc
+import ray
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from dist_rec.data import synthetic
 from dist_rec.data.prepare import PreparedData, prepare
 from dist_rec.evaluation.protocols import next_value_rmse, tdm_first_half
 from dist_rec.models.baselines import RollingAverageValues, most_pop
-from dist_rec.train.launch import ensure_ray, run_training
+from dist_rec.train.launch import check_fits, ensure_ray, run_training
 from dist_rec.train.loop import check_test_users
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def run(job: JobSpec) -> dict[str, Any]:
             {"vocabulary": prepared.vocab_hash,
              **(dataclasses.asdict(prepared.dimensions) if recorded else {})})
     check_test_users(prepared.test_histories().num_rows, config)   # before an epoch is trained
-    ensure_ray(job.ray_address)
+    if ensure_ray(job.ray_address):
+        check_fits(config, ray.cluster_resources())
     result = run_training(config, prepared.uri)
     if result.error:
         raise result.error

@@ -13,6 +13,7 @@ from dist_rec import checkpoint
 from dist_rec.cli import build_parser, config_from_args
 from dist_rec.data import synthetic
 from dist_rec.train import pipeline
+from dist_rec.train.launch import check_fits
 from tests.train.test_metadata_path import write_world
 
 pytestmark = pytest.mark.ray
@@ -69,6 +70,20 @@ def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="1 test users for 2 workers"):
         pipeline.run(smoke_job(tmp_path, "--test-users", "1"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
+    """The local Ray cannot grow: GPUs it lacks would be waited for without end, and workers on
+    every CPU leave none to read the data. Refused once Ray is up, before any training."""
+    assert check_fits(smoke_job(tmp_path).config, {"CPU": 3.0}) is None     # 2 workers + 1
+    check_fits(smoke_job(tmp_path, "--gpu").config, {"CPU": 3.0, "GPU": 2.0})
+    with pytest.raises(ValueError, match=r"--gpu: 2 worker\(s\) need a GPU each and the local "
+                                         r"Ray has 0: train without --gpu"):
+        check_fits(smoke_job(tmp_path, "--gpu").config, {"CPU": 3.0})
+    with pytest.raises(ValueError, match="--workers 3 with 1 CPU each, and one CPU for reading "
+                                         "the data, need 4 CPUs; the local Ray has 3"):
+        pipeline.run(smoke_job(tmp_path, "--workers", "3", "--run-name", "three"))   # 3 CPUs
+    assert not (tmp_path / "runs" / "three").exists()
 
 
 class RayStarted(Exception):
