@@ -1,6 +1,7 @@
 """The main job: (generate) -> prepare -> train on Ray -> evaluate against MostPop.
 
-With no --events it generates Taobao-like data (1M-item catalog) under ./runs/, starts an
+With no --events it generates Taobao-like data (3M events drawn from a 1M-item catalog; the
+~480k items that occur are the model's) under ./runs/, starts an
 embedded local Ray (or joins RAY_ADDRESS), trains HRNN with importance-sampled softmax on 2
 workers, and prints the TDM protocol's p@200 / r@200, HR@20, NDCG@20 beside MostPop's and the
 checkpoint's path. --smoke-test runs a tiny configuration of the same path.
