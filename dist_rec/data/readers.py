@@ -15,9 +15,16 @@ written there as CSV. Compressed files (.gz, .bz2, ...) are decompressed by suff
   position of the item in the session (0, 1, ...), event type = the first configured type.
 - read_user_item: `user item` per line, each user's lines in time order
   (amazon_games_user_item.txt); timestamp = position within the user (0, 1, ...).
+
+CSV lines are records: a value quoted whole ("pv", "42", as R's write.csv writes strings) reads
+as its text, and a stray quote spoils its own line only. Only read_events with feature columns
+(free text, which may hold the delimiter or newlines) parses CSV quoting in full; there an
+unclosed quote joins the lines up to the next quote into one row, which is quarantined with a
+hint where its width is wrong, and logged as spanning lines in any case.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Mapping, Sequence
 
 import fsspec
@@ -30,6 +37,8 @@ import pyarrow.parquet as pq
 from dist_rec.config import DataConfig
 from dist_rec.data.schema import (QuarantineReport, event_table, parse_integers,
                                   quarantine_rows, row_texts, validate_events)
+
+logger = logging.getLogger(__name__)
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "event_type", "timestamp")
 BLOCK_BYTES = 64 << 20        # CSV bytes per block: amortises the per-block work, still streams
@@ -79,7 +88,8 @@ def read_events(uri: str, columns: Mapping[str, str], config: DataConfig = DataC
             absent = set(wanted) - set(names)
             if absent:
                 raise ValueError(f"{path}: header {names} lacks column(s) {sorted(absent)}")
-            blocks = _csv_blocks(path, names, delimiter, storage_options, header=True)
+            blocks = _csv_blocks(path, names, delimiter, storage_options, header=True,
+                                 quoting=bool(features))
         for raw, lines, wrong in blocks:
             events, report = validate_events(raw, lines, path, config, columns, features,
                                              event_type_map, delimiter)
@@ -133,13 +143,16 @@ def read_user_item(uri: str, config: DataConfig = DataConfig(),
 
 
 def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options: dict | None,
-                header: bool = False) -> Iterator[tuple[pa.Table, np.ndarray, list]]:
+                header: bool = False, quoting: bool = False
+                ) -> Iterator[tuple[pa.Table, np.ndarray, list]]:
     """Yield (string columns, (n,) 1-based line numbers, rows of the wrong width) per block.
 
     Rows of the wrong width are skipped by the parser and handed over as (line, text, expected,
     actual). Single-threaded parsing is what keeps row numbers known (pyarrow gives none when
     multithreaded); empty lines are kept (as rows of empty fields) so that numbering stays exact.
-    A row's line is the file line it starts on: quoted values may hold newlines.
+    quoting: CSV quoting in full, so that quoted values may hold the delimiter and newlines (a
+    row's line is then the file line it starts on); else each line is a record and only values
+    quoted whole lose their quotes.
     """
     wrong: list[tuple[int, str, int, int]] = []
 
@@ -149,9 +162,10 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
 
     read = pacsv.ReadOptions(column_names=list(names), skip_rows=int(header), use_threads=False,
                              block_size=BLOCK_BYTES)
-    # newlines_in_values: else a quoted newline at a block boundary fails the read.
+    # With quoting, newlines_in_values: else a quoted newline at a block boundary fails the read.
     parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip,
-                               ignore_empty_lines=False, newlines_in_values=True)
+                               ignore_empty_lines=False, quote_char='"' if quoting else False,
+                               newlines_in_values=quoting)
     convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
     next_row = next_line = 1 + int(header)  # pyarrow's number of the next row, its file line
@@ -170,13 +184,39 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
             done = [w for w in wrong if w[0] < end]
             wrong[:] = [w for w in wrong if w[0] >= end]
             table = pa.Table.from_batches([batch])
+            if not quoting:
+                table = _unquoted(table)
             lines, done, next_line = _file_lines(table, rows, done, next_row, next_line)
+            if quoting:
+                _warn_spanning(uri, table, lines)
             next_row = end
             yield table, lines, done
     if wrong:   # skipped rows after the last block's
         empty = pa.table({name: pa.array([], pa.string()) for name in names})
         no_rows = np.zeros(0, np.int64)
         yield empty, no_rows, _file_lines(empty, no_rows, wrong, next_row, next_line)[1]
+
+
+def _unquoted(table: pa.Table) -> pa.Table:
+    """Values quoted whole ("pv") as their text; a quote anywhere else stays, and fails the
+    value's check. Columns without a leading quote (the usual file) are not rewritten."""
+    for i, column in enumerate(table.columns):
+        if pc.any(pc.starts_with(column, '"')).as_py():
+            table = table.set_column(i, table.field(i),
+                                     pc.replace_substring_regex(column, r'^"(.*)"$', r"\1"))
+    return table
+
+
+def _warn_spanning(uri: str, table: pa.Table, lines: np.ndarray) -> None:
+    """Quoted values that span lines are legal CSV, and also what an unclosed quote makes of the
+    lines after it: say where, so that a file with no multi-line text gets looked at."""
+    spanning = np.zeros(table.num_rows, bool)
+    for column in table.columns:
+        spanning |= pc.match_substring(column, "\n").to_numpy(zero_copy_only=False)
+    if spanning.any():
+        logger.warning("%s: %d row(s) with a quoted value spanning lines, the first at line %d; "
+                       "without multi-line text in the file, an unclosed quote there joined the "
+                       "lines after it", uri, spanning.sum(), lines[spanning][0])
 
 
 def _naming(uri: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -248,10 +288,14 @@ def _integer_rows(raw: pa.Table, lines: np.ndarray, source: str,
 
 def _wrong_width(source: str, wrong: list) -> QuarantineReport:
     """Report the rows the CSV parser skipped for having the wrong number of columns."""
+    def field(text: str, expected: int, actual: int) -> str:
+        lines = text.count("\n") + 1     # more than one: quoting joined lines
+        return (f"columns (expected {expected}, got {actual})"
+                + (f", {lines} lines: an unclosed quote?" if lines > 1 else ""))
+
     return QuarantineReport(quarantine_rows(
         source, np.array([w[0] for w in wrong], np.int64), ["wrong_column_count"] * len(wrong),
-        [f"columns (expected {w[2]}, got {w[3]})" for w in wrong], [w[1] for w in wrong]),
-        len(wrong))
+        [field(*w[1:]) for w in wrong], [w[1] for w in wrong]), len(wrong))
 
 
 def _checked(config: DataConfig, *reports: QuarantineReport) -> QuarantineReport:

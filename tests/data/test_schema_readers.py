@@ -113,6 +113,45 @@ def test_lines_count_the_newlines_in_quoted_values(tmp_path, monkeypatch, newlin
             {"line": 9, "reason": "wrong_column_count"}, {"line": 12, "reason": "missing_field"}]
 
 
+def test_a_stray_quote_spoils_its_own_line_only(tmp_path, monkeypatch):
+    """Lines are records: a quote left open on line 3 is that line's error, not the start of a
+    value that swallows the rest of the file; values quoted whole read as their text."""
+    lines = [GOOD[0], GOOD[1], '7,"516,19,pv,1511591269', '"4","40","100","pv","1511539600"',
+             *GOOD[2:], '5,50,100,"buy",1511539700']
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 48)     # the open quote ends a block too
+    events, report = read_user_behavior(write(tmp_path / "UserBehavior.csv", lines))
+    assert events["user_id"].to_pylist() == [1, 2, 4, 1, 3, 5]
+    assert events["event_type"].to_pylist() == ["pv", "buy", "pv", "cart", "fav", "buy"]
+    assert report.rows.select(["line", "reason", "field", "text"]).to_pylist() == [
+        {"line": 3, "reason": "non_integer_id", "field": "item_id",
+         "text": '7,"516,19,pv,1511591269'}]
+    # The session and user-item readers read lines alike.
+    path = write(tmp_path / "sessions.csv", ['0,"3,4', '"5",6,7'])
+    events, report = read_sessions(path, num_fields=3)
+    assert events["item_id"].to_pylist() == [5, 6, 7]
+    assert report.rows["line"].to_pylist() == [1]
+
+
+def test_an_unclosed_quote_in_a_file_with_text_features_is_pointed_out(tmp_path, caplog):
+    """With free-text features CSV quoting is read in full, so an unclosed quote joins lines up
+    to the next quote. The joined row is quarantined, naming the lines it took, where its width
+    is wrong; where it is not (the quote is never closed), the log names its line."""
+    def read(*lines):
+        (tmp_path / "e.csv").write_text("\n".join(["user_id,item_id,timestamp,title", *lines])
+                                        + "\n")
+        return read_events(str(tmp_path / "e.csv"), {name: name for name in
+                           ("user_id", "item_id", "timestamp")}, features=["title"])
+
+    events, report = read('1,5,100,"open', "1,6,101,x", '1,7,102,"a,b"', "1,8,103,ok")
+    assert events["item_id"].to_pylist() == [8]
+    assert report.rows.select(["line", "field"]).to_pylist() == [
+        {"line": 2, "field": "columns (expected 4, got 5), 3 lines: an unclosed quote?"}]
+    caplog.clear()
+    events, report = read("1,4,99,fine", '1,5,100,"open', "1,6,101,x", "1,8,103,ok")
+    assert events["item_id"].to_pylist() == [4, 5] and report.num_quarantined == 0
+    assert "e.csv: 1 row(s) with a quoted value spanning lines, the first at line 3" in caplog.text
+
+
 def test_header_after_a_byte_order_mark(tmp_path):
     """Excel writes CSV with a UTF-8 BOM before the header."""
     path = tmp_path / "e.csv"
