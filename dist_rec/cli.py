@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from botocore.exceptions import NoCredentialsError
+
 from dist_rec.config import JobConfig
 
 def column_list(text: str) -> tuple[str, ...]:
@@ -223,10 +225,16 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
     if args.print_config:
         print(job.config.to_json())
         return 0
-    if args.command == "prepare":
-        print(pipeline.prepare_data(job).uri)
-        return 0
-    summary = pipeline.run(job)
+    try:
+        if args.command == "prepare":
+            print(pipeline.prepare_data(job).uri)
+            return 0
+        summary = pipeline.run(job)
+    except NoCredentialsError as error:     # raised deep in s3fs, naming no path
+        raw = job.config.to_dict()
+        s3 = [f"{flag} {_get(raw, path)}" for flag, (path, _, _) in TRAIN_FLAGS.items()
+              if str(_get(raw, path)).startswith("s3://")]
+        raise SystemExit(f"{', '.join(s3)}: no S3 credentials found ({error}).\n{S3_HELP}") from None
     print(pipeline.format_summary(summary))
     return 0
 

@@ -127,3 +127,18 @@ def test_a_config_file_sets_its_fields_over_the_smoke_test_and_flags_over_both(t
     assert (printed["model"]["hidden_dim"], printed["generate"]["num_items"]) == (32, 5_000)
     assert main(["train", "--smoke-test", "--config", str(path), "--no-gpu", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["use_gpu"] is False
+
+
+def test_s3_without_credentials_names_the_uris_and_how_to_give_them(tmp_path, monkeypatch):
+    """botocore's "Unable to locate credentials" names no path; the command names the s3://
+    options and the ways to give credentials. (No S3 is reached: signing fails first.)"""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")      # no instance role to ask
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(SystemExit, match=r"(?s)--events s3://bucket/UserBehavior.csv: no S3 "
+                                         r"credentials found \(Unable to locate credentials\)"
+                                         r".*--set storage.key=KEY"):
+        main(["prepare", "--events", "s3://bucket/UserBehavior.csv", "--s3-endpoint",
+              "http://127.0.0.1:9", "--work-dir", str(tmp_path / "work")])
