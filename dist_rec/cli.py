@@ -1,8 +1,9 @@
 """`dist-rec generate | prepare | train`: the command line over the library.
 
 `train` is what jobs/taobao_hrnn.py runs. Every JobConfig field can be set: the common ones have
-flags, any other with `--set section.field=value`, and `--config run.json` loads a whole config
-(e.g. one printed by `--print-config`), so two runs can be diffed as files.
+flags, any other with `--set section.field=value`, and `--config run.json` sets the fields it
+holds (a whole config printed by `--print-config`, or a few) over the defaults or --smoke-test,
+so two runs can be diffed as files.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, type=kind, default=None,
                                 help=f"{text} (default: {default!r})")
-    parser.add_argument("--config", help="JSON config to start from (see --print-config)")
+    parser.add_argument("--config", help="JSON config whose fields are set over the defaults (or "
+                        "--smoke-test's) before the flags: a whole one from --print-config, or a few")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="set any config field, e.g. --set data.session_gap_seconds=3600 "
                         "(value parsed as JSON when it can be)")
@@ -150,6 +152,8 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        if isinstance(_get_field(raw, path), str):   # a text field takes the text (a secret of digits)
+            value = text
         _put(raw, path, value)
     # --config and --set bypass argparse's choices: check the same names here, before any data work.
     for flag, allowed in flag_choices().items():
@@ -168,6 +172,14 @@ def _get(raw: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
         raw = raw[part]
     return raw
+
+
+def _get_field(raw: dict[str, Any], path: str) -> Any:
+    """The field at `path`, or None where there is none (then _put names the error)."""
+    try:
+        return _get(raw, path)
+    except (KeyError, TypeError):
+        return None
 
 
 def _put(raw: dict[str, Any], path: str, value: Any) -> None:

@@ -16,11 +16,11 @@ written there as CSV. Compressed files (.gz, .bz2, ...) are decompressed by suff
 - read_user_item: `user item` per line, each user's lines in time order
   (amazon_games_user_item.txt); timestamp = position within the user (0, 1, ...).
 
-CSV lines are records: a value quoted whole ("pv", "42", as R's write.csv writes strings) reads
-as its text, and a stray quote spoils its own line only. Only read_events with feature columns
-(free text, which may hold the delimiter or newlines) parses CSV quoting in full; there an
-unclosed quote joins the lines up to the next quote into one row, which is quarantined with a
-hint where its width is wrong, and logged as spanning lines in any case.
+The fixed formats' lines are records: a value quoted whole ("pv", "42", as R's write.csv writes
+strings) reads as its text, and a stray quote spoils its own line only. read_events' headed CSV
+may hold free text in any column (the delimiter, newlines), so it parses CSV quoting in full;
+there an unclosed quote joins the lines up to the next quote into one row, which is quarantined
+with a hint where its width is wrong, and logged as spanning lines in any case.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def read_events(uri: str, columns: Mapping[str, str], config: DataConfig = DataC
             if absent:
                 raise ValueError(f"{path}: header {names} lacks column(s) {sorted(absent)}")
             blocks = _csv_blocks(path, names, delimiter, storage_options, header=True,
-                                 quoting=bool(features))
+                                 quoting=True)
         for raw, lines, wrong in blocks:
             events, report = validate_events(raw, lines, path, config, columns, features,
                                              event_type_map, delimiter)
@@ -169,6 +169,7 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
     convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
     next_row = next_line = 1 + int(header)  # pyarrow's number of the next row, its file line
+    first_joined, joined_rows = 0, 0           # rows whose values hold newlines: the first's line
     with fsspec.open(uri, "rb", compression="infer", **(storage_options or {})) as f:
         try:
             reader = pacsv.open_csv(f, read_options=read, parse_options=parse,
@@ -186,15 +187,23 @@ def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options:
             table = pa.Table.from_batches([batch])
             if not quoting:
                 table = _unquoted(table)
-            lines, done, next_line = _file_lines(table, rows, done, next_row, next_line)
-            if quoting:
-                _warn_spanning(uri, table, lines)
+            lines, done, next_line, spans = _file_lines(table, rows, done, next_row, next_line)
+            joined = lines[spans > 1]
+            if len(joined):
+                first_joined = first_joined or int(joined[0])
+                joined_rows += len(joined)
             next_row = end
             yield table, lines, done
     if wrong:   # skipped rows after the last block's
         empty = pa.table({name: pa.array([], pa.string()) for name in names})
         no_rows = np.zeros(0, np.int64)
         yield empty, no_rows, _file_lines(empty, no_rows, wrong, next_row, next_line)[1]
+    if joined_rows:
+        # Legal CSV, and also what an unclosed quote makes of the lines after it: say where, so
+        # that a file with no multi-line text gets looked at.
+        logger.warning("%s: %d row(s) with a quoted value spanning lines, the first at line %d; "
+                       "without multi-line text in the file, an unclosed quote there joined the "
+                       "lines after it", uri, joined_rows, first_joined)
 
 
 def _unquoted(table: pa.Table) -> pa.Table:
@@ -207,18 +216,6 @@ def _unquoted(table: pa.Table) -> pa.Table:
     return table
 
 
-def _warn_spanning(uri: str, table: pa.Table, lines: np.ndarray) -> None:
-    """Quoted values that span lines are legal CSV, and also what an unclosed quote makes of the
-    lines after it: say where, so that a file with no multi-line text gets looked at."""
-    spanning = np.zeros(table.num_rows, bool)
-    for column in table.columns:
-        spanning |= pc.match_substring(column, "\n").to_numpy(zero_copy_only=False)
-    if spanning.any():
-        logger.warning("%s: %d row(s) with a quoted value spanning lines, the first at line %d; "
-                       "without multi-line text in the file, an unclosed quote there joined the "
-                       "lines after it", uri, spanning.sum(), lines[spanning][0])
-
-
 def _naming(uri: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """The reader's batches; an error in a later block (e.g. invalid UTF-8) names the file."""
     try:
@@ -228,12 +225,12 @@ def _naming(uri: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBa
 
 
 def _file_lines(table: pa.Table, rows: np.ndarray, wrong: list, first_row: int,
-                first_line: int) -> tuple[np.ndarray, list, int]:
+                first_line: int) -> tuple[np.ndarray, list, int, np.ndarray]:
     """Row numbers -> the file lines the rows start on, given the newlines inside values.
 
     Rows first_row.. are the table's (numbered `rows`) and the skipped `wrong` ones, in some
     order; first_line is the line of the first. Returns (the table's lines, wrong with lines in
-    place of row numbers, the line after them all).
+    place of row numbers, the line after them all, the lines each table row spans).
     """
     spans = np.ones(len(rows) + len(wrong), np.int64)   # lines per row, in row order
     for column in table.columns:
@@ -246,7 +243,8 @@ def _file_lines(table: pa.Table, rows: np.ndarray, wrong: list, first_row: int,
     spans[numbers - first_row] += np.array([w[1].count("\n") for w in wrong], np.int64)
     starts = first_line + np.cumsum(spans) - spans
     wrong = [(int(starts[n - first_row]), *w[1:]) for n, w in zip(numbers, wrong)]
-    return starts[rows - first_row], wrong, first_line + int(spans.sum())
+    return (starts[rows - first_row], wrong, first_line + int(spans.sum()),
+            spans[rows - first_row])
 
 
 def _parquet_blocks(path: str, columns: list[str],

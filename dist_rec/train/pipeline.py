@@ -170,12 +170,16 @@ def _saved_summary(config: JobConfig) -> dict[str, Any] | None:
 
 def _evaluated_alike(summary: dict[str, Any], checkpoint_path: str, config: JobConfig) -> bool:
     """Whether `summary` holds the evaluation this job would make: of that checkpoint, on the same
-    events, data settings and seed (which picks the test users)."""
-    then = summary.get("config") or {}
+    events, data settings and seed (which picks the test users). A summary of older code, which
+    did not record its config, is taken at its checkpoint's word."""
+    if summary.get("checkpoint") != checkpoint_path:
+        return False
+    if "config" not in summary:
+        return True
+    then = summary["config"]
     now = json.loads(json.dumps(config.to_dict(redact=True)))   # as summary.json stores it
-    return (summary.get("checkpoint") == checkpoint_path
-            and all(then.get(section) == now[section] for section in ("data", "generate"))
-            and (then.get("train") or {}).get("seed") == now["train"]["seed"])
+    return (all(then.get(section) == now[section] for section in ("data", "generate"))
+            and then["train"]["seed"] == now["train"]["seed"])
 
 
 def rolling_average_rmse(prepared: PreparedData, job: JobSpec) -> float:

@@ -132,10 +132,11 @@ def test_a_stray_quote_spoils_its_own_line_only(tmp_path, monkeypatch):
     assert report.rows["line"].to_pylist() == [1]
 
 
-def test_an_unclosed_quote_in_a_file_with_text_features_is_pointed_out(tmp_path, caplog):
-    """With free-text features CSV quoting is read in full, so an unclosed quote joins lines up
-    to the next quote. The joined row is quarantined, naming the lines it took, where its width
-    is wrong; where it is not (the quote is never closed), the log names its line."""
+def test_an_unclosed_quote_in_a_headed_csv_is_pointed_out(tmp_path, caplog):
+    """A headed CSV may hold free text in any column, so its quoting is read in full and an
+    unclosed quote joins lines up to the next quote. The joined row is quarantined, naming the
+    lines it took, where its width is wrong; where it is not (the quote is never closed), the
+    log names its line. A quoted delimiter in a column not read is just text."""
     def read(*lines):
         (tmp_path / "e.csv").write_text("\n".join(["user_id,item_id,timestamp,title", *lines])
                                         + "\n")
@@ -150,6 +151,13 @@ def test_an_unclosed_quote_in_a_file_with_text_features_is_pointed_out(tmp_path,
     events, report = read("1,4,99,fine", '1,5,100,"open', "1,6,101,x", "1,8,103,ok")
     assert events["item_id"].to_pylist() == [4, 5] and report.num_quarantined == 0
     assert "e.csv: 1 row(s) with a quoted value spanning lines, the first at line 3" in caplog.text
+    events, report = read_events(str(tmp_path / "e.csv"), {name: name for name in
+                                 ("user_id", "item_id", "timestamp")})  # title is not read
+    assert events["item_id"].to_pylist() == [4, 5] and report.num_quarantined == 0
+    read('1,5,100,"Foo, Bar"', "1,6,101,x")
+    events, report = read_events(str(tmp_path / "e.csv"), {name: name for name in
+                                 ("user_id", "item_id", "timestamp")})
+    assert events["item_id"].to_pylist() == [5, 6] and report.num_quarantined == 0
 
 
 def test_header_after_a_byte_order_mark(tmp_path):

@@ -86,6 +86,18 @@ def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
     assert not (tmp_path / "runs" / "three").exists()
 
 
+def test_a_saved_summary_answers_only_for_its_checkpoint_data_and_seed(tmp_path):
+    config = smoke_job(tmp_path).config
+    summary = {"checkpoint": "c", "config": json.loads(json.dumps(config.to_dict(redact=True)))}
+    assert pipeline._evaluated_alike(summary, "c", config)
+    assert pipeline._evaluated_alike(summary, "c", config.replace(train={"epochs": 5}))
+    assert not pipeline._evaluated_alike(summary, "d", config)
+    assert not pipeline._evaluated_alike(summary, "c", config.replace(train={"seed": 1}))
+    assert not pipeline._evaluated_alike(summary, "c", config.replace(data={"test_users": 50}))
+    assert not pipeline._evaluated_alike(summary, "c", config.replace(generate={"num_items": 9}))
+    assert pipeline._evaluated_alike({"checkpoint": "c"}, "c", config)   # older code's summary
+
+
 class RayStarted(Exception):
     pass
 
