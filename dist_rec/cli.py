@@ -40,6 +40,11 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--item-features": ("data.item_feature_columns", column_list, "Parquet events: comma-"
                         "separated columns of item attributes beside category_id (each item's "
                         "newest value), inputs and eq. 2 feature rows of hrnn_meta"),
+    "--window-length": ("data.window_length", int, "T: (input, target) pairs per training window"),
+    "--session-gap": ("data.session_gap_seconds", int, "seconds of inactivity that start a new "
+                      "session (HRNN's session-start input)"),
+    "--num-delta-buckets": ("data.num_delta_buckets", int, "log2 buckets of the gap to the next "
+                            "event (HRNN's time-delta input; bucket 0 is padding)"),
     "--hidden": ("model.hidden_dim", int, "hidden size D (and output item vector size)"),
     "--embedding": ("model.embedding_dim", int, "input item vector size E"),
     "--loss": ("sampler.loss", str, "training loss"),
@@ -71,6 +76,13 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+# The flags `prepare` reads: where the events are, how they become windows, which users are held
+# out (the seed draws them) and where the prepared data goes. The rest only matter to training.
+PREPARE_FLAGS = ("--events", "--work-dir", "--context-column", "--values", "--user-features",
+                 "--item-features", "--window-length", "--session-gap", "--num-delta-buckets",
+                 "--strict", "--test-users", "--seed", "--run-name", "--s3-endpoint", "--users",
+                 "--items", "--num-events")
+
 # Item tables' layouts, as models.base.build_model accepts them.
 SHARDINGS = ("none", "row")
 
@@ -96,10 +108,13 @@ non-AWS S3 (MinIO, moto).
 """
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, flags: tuple[str, ...] = tuple(TRAIN_FLAGS)
+                        ) -> None:
+    """`flags` (of TRAIN_FLAGS) and the config options (--config, --set, ...)."""
     defaults = JobConfig().to_dict()
     choices = flag_choices()
-    for flag, (path, kind, text) in TRAIN_FLAGS.items():
+    for flag in flags:
+        path, kind, text = TRAIN_FLAGS[flag]
         default = _get(defaults, path)
         if kind is bool:   # --no-gpu too: a --config may have turned it on
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
@@ -123,8 +138,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke-test", action="store_true",
                         help="a tiny configuration of the same path (< 1 minute); "
                         "--smoke-test --print-config shows it")
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or an "
-                        "embedded local Ray)")
 
 
 def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
@@ -141,7 +154,7 @@ def config_from_args(args: argparse.Namespace, base: JobConfig) -> JobConfig:
             for name, field_value in (value.items() if isinstance(value, dict) else [("", value)]):
                 _put(raw, f"{section}.{name}" if name else section, field_value)
     for flag, (path, _, _) in TRAIN_FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)   # prepare has fewer
         if value is not None:
             _put(raw, path, value)
     for assignment in args.set:
@@ -212,15 +225,17 @@ def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
         "prepare", help="events -> vocabulary + window shards (train's first step, alone)",
         description="train's data step alone: read --events (or generate Taobao-like data when "
         "it is empty),\nhold out --test-users, write the vocabulary and window shards to "
-        "WORK_DIR/prepared-RUN_NAME\nand print that path. Takes train's options; only the data "
-        "ones matter.\n(train prepares the data again itself.)",
+        "WORK_DIR/prepared-RUN_NAME\nand print that path. Its flags are train's data flags;\n--config and --set take a whole "
+        "train config, of which the data settings count.\n(train prepares the data again itself.)",
         epilog=S3_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(prepare)
+    add_train_arguments(prepare, PREPARE_FLAGS)
     train = commands.add_parser(
         "train", help="prepare, train on Ray, evaluate (TDM p@200/r@200) against MostPop",
         description=pipeline.__doc__, epilog=S3_HELP, prog=train_prog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(train)
+    train.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or an "
+                       "embedded local Ray)")
     return parser
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import numpy as np
 
 EVENT_TYPES = ("pv", "cart", "fav", "buy")  # Taobao UserBehavior behaviours; dense codes 1..4, 0 = padding
 
@@ -151,6 +154,17 @@ class JobConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     run_name: str = "taobao_hrnn"
 
+    def __post_init__(self):
+        # Checked however the config was built (from_dict, replace, Python code): a field of the
+        # wrong kind fails here naming itself, not in a Ray worker or in the summary's JSON at
+        # the job's end; numpy's numbers become Python's.
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise TypeError(f"JobConfig.{name}: expected a {cls.__name__}, got {section!r}")
+            object.__setattr__(self, name, _build(cls, dataclasses.asdict(section)))
+        object.__setattr__(self, "run_name", _typed("JobConfig.run_name", str, self.run_name))
+
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if redact:
@@ -204,11 +218,12 @@ def _typed(where: str, kind: Any, value: Any) -> Any:
         raise TypeError(f"{where}: expected a list of {item.__name__}, got {value!r}")
     if origin is dict and typing.get_args(kind)[1] is float and isinstance(value, dict):
         return {k: _typed(f"{where}[{k!r}]", float, v) for k, v in value.items()}
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(origin or kind,
-                                                                              (origin or kind,))
+    # numbers' and numpy's kinds too: a sweep built with np.arange gives np.int64, not int.
+    expected = {bool: (bool, np.bool_), int: (numbers.Integral,), float: (numbers.Real,),
+                str: (str,)}.get(origin or kind, (origin or kind,))
     # bool is an int to Python, not to a config: `true` for a size is a slip.
-    if isinstance(value, expected) and (kind is bool or not isinstance(value, bool)):
-        return float(value) if kind is float else value
+    if isinstance(value, expected) and (kind is bool or not isinstance(value, (bool, np.bool_))):
+        return kind(value) if kind in (bool, int, float) else value   # plain Python, as JSON wants
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             dict: "an object"}.get(origin or kind, str(kind))
     raise TypeError(f"{where}: expected {name}, got {value!r}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from dist_rec.cli import build_parser, config_from_args, main
-from dist_rec.config import JobConfig
+from dist_rec.config import JobConfig, TrainConfig
 from dist_rec.train.pipeline import JobSpec
 from dist_rec.losses import LOSSES
 from dist_rec.models import registered_models
@@ -18,15 +19,28 @@ from dist_rec.models import registered_models
     ("--loss", "softmax", list(LOSSES)),
     ("--sharding", "rows", ["none", "row"]),
 ])
-@pytest.mark.parametrize("command", ["train", "prepare"])
-def test_a_typo_is_an_argparse_error_naming_the_choices(command, flag, typo, valid, capsys):
+def test_a_typo_is_an_argparse_error_naming_the_choices(flag, typo, valid, capsys):
     with pytest.raises(SystemExit) as exit:
-        build_parser().parse_args([command, flag, typo])
+        build_parser().parse_args(["train", flag, typo])
     assert exit.value.code == 2                                   # argparse's usage error
     error = capsys.readouterr().err
     assert f"argument {flag}: invalid choice: '{typo}'" in error
     for name in valid:
         assert repr(name) in error
+
+
+def test_prepare_takes_the_data_flags_and_refuses_the_training_ones(capsys):
+    """prepare's --help lists what prepare reads; a training flag there is a usage error, not a
+    setting silently ignored."""
+    args = build_parser().parse_args(["prepare", "--num-delta-buckets", "8", "--session-gap", "600",
+                                      "--window-length", "16", "--seed", "3"])
+    data = JobSpec.from_args(args, config_from_args).config.data
+    assert (data.num_delta_buckets, data.session_gap_seconds, data.window_length) == (8, 600, 16)
+    for flag, value in (("--model", "gru4rec"), ("--epochs", "2"), ("--ray-address", "auto")):
+        with pytest.raises(SystemExit) as exit:
+            build_parser().parse_args(["prepare", flag, value])
+        assert exit.value.code == 2
+        assert f"unrecognized arguments: {flag} {value}" in capsys.readouterr().err
 
 
 def test_every_valid_name_is_accepted(capsys):
@@ -114,6 +128,23 @@ def test_a_value_of_the_wrong_type_is_named_before_any_work(tmp_path, fields, me
     if name and section != "storage":   # the same value through --set (a text field takes text)
         with pytest.raises(SystemExit, match=message):
             main(["train", "--set", f"{section}.{name}={json.dumps(value)}", "--print-config"])
+
+
+def test_a_config_built_in_python_is_checked_and_gives_plain_json():
+    """Code that builds a JobConfig (a sweep over np.arange) gets numpy's numbers as Python's,
+    so the summary's JSON at the end of a job does not fail on them; a wrong kind is named when
+    the config is built, by the constructor or by replace()."""
+    config = JobConfig(train=TrainConfig(batch_size=np.int64(64), dense_lr=np.float32(0.5),
+                                         use_gpu=np.bool_(True)))
+    assert (type(config.train.batch_size), type(config.train.dense_lr),
+            type(config.train.use_gpu)) == (int, float, bool)
+    assert json.loads(config.to_json())["train"]["batch_size"] == 64
+    with pytest.raises(TypeError, match="TrainConfig.use_gpu: expected true or false, got 'no'"):
+        JobConfig(train=TrainConfig(use_gpu="no"))
+    with pytest.raises(TypeError, match="ModelConfig.hidden_dim: expected an integer, got 6.5"):
+        JobConfig().replace(model={"hidden_dim": 6.5})
+    with pytest.raises(TypeError, match="JobConfig.train: expected a TrainConfig"):
+        JobConfig(train={"epochs": 2})
 
 
 def test_set_gives_a_text_field_its_text(capsys):

@@ -57,7 +57,7 @@ class JobSpec:
         config = _absolute(config_from_args(args, base))
         generated = (None if config.data.events_uri else synthetic.SyntheticConfig(
             seed=config.train.seed, **dataclasses.asdict(config.generate)))
-        return JobSpec(config, generated, args.ray_address)
+        return JobSpec(config, generated, getattr(args, "ray_address", None))   # prepare has none
 
 
 def events_uri(job: JobSpec) -> str:
@@ -106,6 +106,9 @@ def run(job: JobSpec) -> dict[str, Any]:
             logger.warning("run %r is complete at %s, and its summary.json is missing or was not "
                            "evaluated on this data: evaluating that checkpoint again",
                            config.run_name, resume_from)
+    # Before the data (minutes at scale): a job the local Ray could never place is refused first.
+    if ensure_ray(job.ray_address):
+        check_fits(config, ray.cluster_resources())
     prepared = prepare_data(job)
     if resume_from:   # the rows and the encoder's sizes come from the data: refuse before Ray does
         recorded = manifest.get("dimensions") is not None   # not by checkpoints of older code
@@ -115,8 +118,6 @@ def run(job: JobSpec) -> dict[str, Any]:
             {"vocabulary": prepared.vocab_hash,
              **(dataclasses.asdict(prepared.dimensions) if recorded else {})})
     check_test_users(prepared.test_histories().num_rows, config)   # before an epoch is trained
-    if ensure_ray(job.ray_address):
-        check_fits(config, ray.cluster_resources())
     result = run_training(config, prepared.uri)
     if result.error:
         raise result.error

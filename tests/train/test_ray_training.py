@@ -64,7 +64,7 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert not torch.equal(before["input"], after["input"])
 
 
-def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
+def test_too_few_test_users_for_the_workers_fail_before_training(ray_cluster, tmp_path):
     """Each of 2 workers evaluates its own share of the held-out users: 1 is refused after the
     data is prepared and before Ray trains an epoch (no run directory is made)."""
     with pytest.raises(ValueError, match="1 test users for 2 workers"):
@@ -74,7 +74,7 @@ def test_too_few_test_users_for_the_workers_fail_before_training(tmp_path):
 
 def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
     """The local Ray cannot grow: GPUs it lacks would be waited for without end, and workers on
-    every CPU leave none to read the data. Refused once Ray is up, before any training."""
+    every CPU leave none to read the data. Refused once Ray is up, before the data is made."""
     assert check_fits(smoke_job(tmp_path).config, {"CPU": 3.0}) is None     # 2 workers + 1
     check_fits(smoke_job(tmp_path, "--gpu").config, {"CPU": 3.0, "GPU": 2.0})
     with pytest.raises(ValueError, match=r"--gpu: 2 worker\(s\) need a GPU each and the local "
@@ -83,7 +83,7 @@ def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
     with pytest.raises(ValueError, match="--workers 3 with 1 CPU each, and one CPU for reading "
                                          "the data, need 4 CPUs; the local Ray has 3"):
         pipeline.run(smoke_job(tmp_path, "--workers", "3", "--run-name", "three"))   # 3 CPUs
-    assert not (tmp_path / "runs" / "three").exists()
+    assert not (tmp_path / "runs" / "three").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_saved_summary_answers_only_for_its_checkpoint_data_and_seed(tmp_path):
@@ -98,19 +98,19 @@ def test_a_saved_summary_answers_only_for_its_checkpoint_data_and_seed(tmp_path)
     assert pipeline._evaluated_alike({"checkpoint": "c"}, "c", config)   # older code's summary
 
 
-class RayStarted(Exception):
+class TrainingStarted(Exception):
     pass
 
 
-def test_a_checkpoint_of_other_data_is_refused_before_ray_starts(tmp_path, monkeypatch):
+def test_a_checkpoint_of_other_data_is_refused_before_training(ray_cluster, tmp_path, monkeypatch):
     """The run's checkpoint was trained on other data: one event type fewer (as before a new
     type was logged), or another vocabulary. The job refuses it once the data is prepared and
-    before it starts Ray (whose workers would fail to load it, and be retried), naming the
+    before Ray trains (whose workers would fail to load it, and be retried), naming the
     difference. A checkpoint of older code, without recorded sizes, is checked on its
     vocabulary alone."""
-    def ray_started(address):
-        raise RayStarted
-    monkeypatch.setattr(pipeline, "ensure_ray", ray_started)
+    def training_started(config, prepared_uri):
+        raise TrainingStarted
+    monkeypatch.setattr(pipeline, "run_training", training_started)
     job = smoke_job(tmp_path)
     prepared = pipeline.prepare_data(job)
     sizes = dataclasses.asdict(prepared.dimensions)
@@ -131,7 +131,7 @@ def test_a_checkpoint_of_other_data_is_refused_before_ray_starts(tmp_path, monke
                                          rf"'{prepared.vocab_hash}' here\)"):
         pipeline.run(job)
     checkpoint_of(3, prepared.vocab_hash, None)
-    with pytest.raises(RayStarted):
+    with pytest.raises(TrainingStarted):
         pipeline.run(job)
 
 
