@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -82,9 +84,25 @@ def storage_path(config: JobConfig) -> tuple[str, Any]:
     return path, fs
 
 
+# Ray Train's record of the checkpoints reported to it, in its run directory <storage>/<run>/.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def forget_ray_snapshot(config: JobConfig) -> None:
+    """Remove Ray's snapshot of an earlier job of this run. Ray would restore it, and refuse to
+    start once a checkpoint it lists is gone; ours are pruned and discarded by our own rules
+    (dist_rec.checkpoint) and resumed without it (state.restore_newest). Ray's run directory must
+    hold the checkpoints it is told of, so it stays <storage>/<run>/; only the snapshot goes."""
+    path, fs = storage_path(config)
+    snapshot = posixpath.join(path, config.run_name, RAY_SNAPSHOT)
+    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(snapshot)
+
+
 def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
     """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result. Every
     attempt, the first and each retry, resumes from the run's newest verified checkpoint."""
+    forget_ray_snapshot(config)
     path, fs = storage_path(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -103,4 +121,7 @@ def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) ->
         dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     logger.info("training %s on %d worker(s)", config.model.name, config.train.num_workers)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        forget_ray_snapshot(config)
