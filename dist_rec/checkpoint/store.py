@@ -91,6 +91,11 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO
         else:
             fs.put_file(staging, path)
         return record
+    # A full disk or a storage error names no file, and torch.save turns it into a RuntimeError.
+    except OSError as error:
+        raise OSError(error.errno, f"{to_uri(fs, path)}: could not write it: {error}") from error
+    except RuntimeError as error:
+        raise RuntimeError(f"{to_uri(fs, path)}: could not write it: {error}") from error
     finally:
         if os.path.exists(staging):
             os.remove(staging)

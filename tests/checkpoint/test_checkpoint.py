@@ -215,6 +215,22 @@ def test_a_checkpoint_of_another_format_version_is_neither_skipped_nor_removed(s
     assert os.path.exists(manifest_path)
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")])
+def test_a_failed_write_names_its_file_and_publishes_nothing(storage, monkeypatch, error):
+    """A full disk names no file: as itself, or as torch.save's RuntimeError. The error names the
+    checkpoint file that could not be written, and no part of it is published."""
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise error
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(type(error), match=rf"step-000000005/tables-rank0-of-1.pt: could not write "
+                                          rf"it: .*{str(error)[-20:]}"):
+        save_checkpoint(storage, RUN, 5, {"input": torch.zeros(3, 2)})
+    step = os.path.join(storage.uri, RUN, "checkpoints", "step-000000005")
+    assert os.listdir(step) == []
+
+
 def test_half_written_checkpoint_is_ignored(storage):
     first = write(storage, 1, full_tables(), 2)
     write(storage, 2, full_tables(), 2, do_commit=False)  # every rank wrote, nobody committed
