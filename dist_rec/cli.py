@@ -15,6 +15,7 @@ from typing import Any
 
 from botocore.exceptions import NoCredentialsError
 
+from dist_rec.checkpoint.lease import RunBusy
 from dist_rec.config import JobConfig
 
 def column_list(text: str) -> tuple[str, ...]:
@@ -77,11 +78,12 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
 
 
 # The flags `prepare` reads: where the events are, how they become windows, which users are held
-# out (the seed draws them) and where the prepared data goes. The rest only matter to training.
+# out (the seed draws them), where the prepared data goes, and the run (--storage, --run-name),
+# whose lease it holds meanwhile. The rest only matter to training.
 PREPARE_FLAGS = ("--events", "--work-dir", "--context-column", "--values", "--user-features",
                  "--item-features", "--window-length", "--session-gap", "--num-delta-buckets",
-                 "--strict", "--test-users", "--seed", "--run-name", "--s3-endpoint", "--users",
-                 "--items", "--num-events")
+                 "--strict", "--test-users", "--seed", "--run-name", "--storage", "--s3-endpoint",
+                 "--users", "--items", "--num-events")
 
 # Item tables' layouts, as models.base.build_model accepts them.
 SHARDINGS = ("none", "row")
@@ -254,9 +256,11 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
         return 0
     try:
         if args.command == "prepare":
-            print(pipeline.prepare_data(job).uri)
+            print(pipeline.prepare_alone(job).uri)
             return 0
         summary = pipeline.run(job)
+    except RunBusy as error:                # another job of the run: no traceback to read
+        raise SystemExit(str(error)) from None
     except NoCredentialsError as error:     # raised deep in s3fs, naming no path
         raw = job.config.to_dict()
         s3 = [f"{flag} {_get(raw, path)}" for flag, (path, _, _) in TRAIN_FLAGS.items()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dist_rec import checkpoint
+from dist_rec.checkpoint import lease
 from dist_rec.checkpoint.store import filesystem
 from dist_rec.config import JobConfig
 from dist_rec.data import synthetic
@@ -83,13 +84,26 @@ def prepare_data(job: JobSpec) -> PreparedData:
 
 def run(job: JobSpec) -> dict[str, Any]:
     """Prepare, train, evaluate; returns the summary printed by `format_summary`, also saved as
-    <storage>/<run>/summary.json.
+    <storage>/<run>/summary.json. The job holds the run's lease throughout (checkpoint.lease):
+    a second job of the same run is refused while this one runs.
 
     A run resumes from its newest complete checkpoint. If that one already has every epoch (or
     --max-steps steps), there is nothing to train: the saved summary comes back, marked
     `already_complete`; without a readable summary of that checkpoint on the data this job asks
     for, the workers evaluate the checkpoint again and write one (`epochs` None: nothing trained).
     """
+    with lease.held(job.config.storage, job.config.run_name):
+        return _run(job)
+
+
+def prepare_alone(job: JobSpec) -> PreparedData:
+    """`dist-rec prepare`: the data step, under the run's lease (it replaces the data a running
+    job of the run would be streaming)."""
+    with lease.held(job.config.storage, job.config.run_name):
+        return prepare_data(job)
+
+
+def _run(job: JobSpec) -> dict[str, Any]:
     started = time.perf_counter()
     config = job.config
     resume_from = checkpoint.latest_checkpoint(config.storage, config.run_name)

@@ -1,0 +1,80 @@
+"""One job at a time per run: the lease is create-only, names its holder to a second job, is
+renewed while held, released at the end, and taken over once stale (a killed driver)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from dist_rec.checkpoint.lease import LEASE, RunBusy, held
+from dist_rec.cli import main
+from dist_rec.config import StorageConfig
+
+
+def lease_of(storage: StorageConfig) -> dict | None:
+    from dist_rec.checkpoint.store import filesystem
+    fs, root = filesystem(storage)
+    fs.invalidate_cache()
+    path = f"{root}/run/{LEASE}"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def storage(request, tmp_path) -> StorageConfig:
+    if request.param == "s3":
+        return request.getfixturevalue("s3_storage")
+    return StorageConfig(uri=str(tmp_path / "store"))
+
+
+def test_a_second_job_is_refused_naming_the_holder_until_the_first_ends(storage):
+    with held(storage, "run") as first:
+        assert lease_of(storage)["job"] == first["job"]
+        with pytest.raises(RunBusy, match=rf"held by job {first['job']} on .* \(pid "
+                                          rf"{first['pid']}\).*its own --run-name"):
+            with held(storage, "run"):
+                pass
+        with held(storage, "other run"):      # other runs are not held
+            pass
+        assert lease_of(storage)["job"] == first["job"]   # the refused job took nothing away
+    assert lease_of(storage) is None
+    with held(storage, "run") as second:
+        assert second["job"] != first["job"]
+
+
+def test_the_lease_is_renewed_while_held(storage):
+    with held(storage, "run", renew_seconds=0.2) as me:
+        first = lease_of(storage)["renewed"]
+        deadline = time.time() + 10
+        while lease_of(storage)["renewed"] == first and time.time() < deadline:
+            time.sleep(0.1)
+        renewed = lease_of(storage)
+        assert renewed["job"] == me["job"] and renewed["renewed"] > first
+
+
+def test_a_stale_lease_is_taken_over_with_a_warning(storage, caplog):
+    """A lease its holder stopped renewing (the driver was killed) does not block the run."""
+    with held(storage, "run", renew_seconds=3600) as dead:
+        pass
+    from dist_rec.checkpoint.store import filesystem
+    fs, root = filesystem(storage)
+    stale = {**dead, "renewed": time.time() - 600}
+    fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(stale).encode())
+    with pytest.raises(RunBusy):                                  # not stale at 1,000 s
+        with held(storage, "run", stale_seconds=1000):
+            pass
+    with caplog.at_level(logging.WARNING), held(storage, "run", stale_seconds=300) as me:
+        assert lease_of(storage)["job"] == me["job"] != dead["job"]
+    assert f"taking over the lease of job {dead['job']}" in caplog.text
+
+
+def test_a_job_of_a_held_run_is_refused_before_any_work(tmp_path):
+    """The command names the holder and exits; it prepares nothing (no data directory)."""
+    storage = StorageConfig(uri=str(tmp_path / "runs"))
+    for command in ("train", "prepare"):
+        with held(storage, "smoke") as holder:
+            with pytest.raises(SystemExit, match=f"held by job {holder['job']}"):
+                main([command, "--smoke-test", "--work-dir", str(tmp_path / "data"),
+                      "--storage", storage.uri])
+    assert not (tmp_path / "data").exists()
