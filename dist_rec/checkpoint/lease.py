@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import fsspec
 
-from dist_rec.checkpoint.store import _create_only, _publish, filesystem, to_uri
+from dist_rec.checkpoint.store import _create_only, _publish, filesystem, is_local, to_uri
 from dist_rec.config import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ def held(storage: StorageConfig, run: str, stale_seconds: float = STALE_SECONDS,
     """Hold run `run`'s lease for the `with` block (renewed by a thread); yields the holder's
     record {"job", "host", "pid", "started", "renewed"}. Raises RunBusy if another job holds it."""
     fs, root = filesystem(storage)
-    path = posixpath.join(root, run, LEASE)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    run_dir = posixpath.join(root, run)
+    path = posixpath.join(run_dir, LEASE)
+    made = is_local(fs) and not fs.exists(run_dir)
+    fs.makedirs(run_dir, exist_ok=True)
     me = {"job": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _acquire(fs, path, me, stale_seconds)
@@ -59,6 +61,8 @@ def held(storage: StorageConfig, run: str, stale_seconds: float = STALE_SECONDS,
         renewer.join()
         if (_read(fs, path) or {}).get("job") == me["job"]:
             fs.rm_file(path)
+        if made and not fs.ls(run_dir):      # a job refused before any work leaves no run
+            fs.rmdir(run_dir)
 
 
 def _acquire(fs: fsspec.AbstractFileSystem, path: str, me: dict[str, Any],

@@ -60,6 +60,7 @@ def test_a_stale_lease_is_taken_over_with_a_warning(storage, caplog):
     from dist_rec.checkpoint.store import filesystem
     fs, root = filesystem(storage)
     stale = {**dead, "renewed": time.time() - 600}
+    fs.makedirs(f"{root}/run", exist_ok=True)      # gone locally with the lease that made it
     fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(stale).encode())
     with pytest.raises(RunBusy):                                  # not stale at 1,000 s
         with held(storage, "run", stale_seconds=1000):
@@ -78,3 +79,4 @@ def test_a_job_of_a_held_run_is_refused_before_any_work(tmp_path):
                 main([command, "--smoke-test", "--work-dir", str(tmp_path / "data"),
                       "--storage", storage.uri])
     assert not (tmp_path / "data").exists()
+    assert list((tmp_path / "runs").iterdir()) == []   # the lease made the run's directory

@@ -82,7 +82,7 @@ def test_too_few_test_users_for_the_workers_fail_before_training(ray_cluster, tm
     data is prepared and before Ray trains an epoch (no run directory is made)."""
     with pytest.raises(ValueError, match="1 test users for 2 workers"):
         pipeline.run(smoke_job(tmp_path, "--test-users", "1"))
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs" / "smoke").exists()
 
 
 def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
@@ -261,7 +261,7 @@ def test_smoke_job_checkpoints_to_s3_and_a_new_job_resumes_from_there(ray_cluste
     assert second["metrics"]["epoch"] == 2
     assert second["metrics"]["step"] == 2 * first["metrics"]["step"]       # only epoch 2 was trained
     assert checkpoint.latest_checkpoint(s3_storage, "smoke") == second["checkpoint"]
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # all in S3
+    assert not (tmp_path / "runs" / "smoke").exists() and not (tmp_path / "data").exists()  # all in S3
 
 
 def test_synthetic_events_are_regenerated_when_the_generator_changes(tmp_path, monkeypatch):
