@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"step-(\d{9})$")
 _CHUNK = 8 << 20
+# Staging files come from mkstemp, which makes them 0600; published, they get the mode any file
+# gets (0666 less the umask), so a serving process of another user can read the checkpoint.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def filesystem(storage: StorageConfig, uri: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -80,6 +85,7 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO
     """
     fd, staging = tempfile.mkstemp(prefix=".staging-", suffix=".tmp",
                                    dir=posixpath.dirname(path) if is_local(fs) else None)
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -107,6 +113,7 @@ def _create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data, mode="create")
         return
     fd, staging = tempfile.mkstemp(prefix=".staging-", suffix=".tmp", dir=posixpath.dirname(path))
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

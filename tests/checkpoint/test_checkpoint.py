@@ -114,6 +114,15 @@ def test_manifest_fields_and_checksums(storage, tmp_path):
     assert [json.load(open(os.path.join(path, f"files-rank{r}-of-2.json")))["rows"] for r in (0, 1)] == [6, 5]
 
 
+def test_published_files_get_the_umask_mode_not_mkstemp_s_0600(storage):
+    """A serving process of another user reads the checkpoint as it reads any file written here."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = save_checkpoint(storage, RUN, 3, {"input": torch.zeros(3, 2)}, {"step": 3})
+    modes = {name: os.stat(os.path.join(path, name)).st_mode & 0o777 for name in os.listdir(path)}
+    assert modes == {name: 0o666 & ~umask for name in modes} and "manifest.json" in modes
+
+
 def test_dense_state_round_trip(storage):
     torch.manual_seed(3)
     encoder = torch.nn.GRU(4, 5, batch_first=True)
