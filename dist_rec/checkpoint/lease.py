@@ -4,8 +4,8 @@ Everything under a run assumes a single writer: the workers discard step directo
 the one they resume (another job's checkpoint in progress, otherwise), pruning deletes old ones,
 and each job replaces the prepared data at <work_dir>/prepared-<run> that a running job streams.
 So a second job of a run is refused while the first holds the lease, naming it. The holder renews
-the lease every `renew_seconds`; one not renewed for `stale_seconds` (its driver was killed) is
-taken over with a warning. Created create-only (a hard link locally, If-None-Match on S3), so
+the lease every `renew_seconds`; one not renewed for `stale_seconds` (its driver was killed), or
+whose driver process is gone from this host, is taken over with a warning. Created create-only (a hard link locally, If-None-Match on S3), so
 of two jobs starting at once one wins.
 """
 from __future__ import annotations
@@ -77,17 +77,31 @@ def _acquire(fs: fsspec.AbstractFileSystem, path: str, me: dict[str, Any],
         if holder is None:       # released meanwhile
             continue
         age = time.time() - float(holder.get("renewed", 0))
-        if age < stale_seconds or attempt:
+        if (age < stale_seconds and not _gone(holder)) or attempt:
             raise RunBusy(f"{to_uri(fs, path)}: the run is held by job {holder.get('job')} on "
                           f"{holder.get('host')} (pid {holder.get('pid')}), started "
                           f"{holder.get('started')}, renewed {age:.0f} s ago: wait for it to end, "
                           f"or give this job its own --run-name (a lease not renewed for "
                           f"{stale_seconds:.0f} s is taken over)")
-        logger.warning("%s: taking over the lease of job %s on %s (pid %s), not renewed for "
-                       "%.0f s: its driver stopped without releasing it", to_uri(fs, path),
+        logger.warning("%s: taking over the lease of job %s on %s (pid %s), renewed %.0f s ago: "
+                       "its driver stopped without releasing it", to_uri(fs, path),
                        holder.get("job"), holder.get("host"), holder.get("pid"), age)
         fs.rm_file(path)
     raise RunBusy(f"{to_uri(fs, path)}: another job took the lease while this one started")
+
+
+def _gone(holder: dict[str, Any]) -> bool:
+    """Whether the holder's driver ran on this host and its process is no more (a killed job
+    rerun at once); a process that reuses its pid keeps the lease until it is stale."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:      # alive, another user's
+        return False
+    return False
 
 
 def _renew(fs: fsspec.AbstractFileSystem, path: str, me: dict[str, Any], stop: threading.Event,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -68,6 +72,28 @@ def test_a_stale_lease_is_taken_over_with_a_warning(storage, caplog):
     with caplog.at_level(logging.WARNING), held(storage, "run", stale_seconds=300) as me:
         assert lease_of(storage)["job"] == me["job"] != dead["job"]
     assert f"taking over the lease of job {dead['job']}" in caplog.text
+
+
+def test_the_lease_of_a_driver_gone_from_this_host_is_taken_over_at_once(storage, caplog):
+    """A job killed here and rerun at once need not wait for its lease to go stale."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    from dist_rec.checkpoint.store import filesystem
+    fs, root = filesystem(storage)
+    fs.makedirs(f"{root}/run", exist_ok=True)
+    fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(
+        {"job": "killed", "host": socket.gethostname(), "pid": int(dead.stdout),
+         "started": "", "renewed": time.time()}).encode())
+    with caplog.at_level(logging.WARNING), held(storage, "run") as me:
+        assert lease_of(storage)["job"] == me["job"]
+    assert "taking over the lease of job killed" in caplog.text
+    fs.makedirs(f"{root}/run", exist_ok=True)
+    fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(                 # alive: this process
+        {"job": "alive", "host": socket.gethostname(), "pid": os.getpid(), "started": "",
+         "renewed": time.time()}).encode())
+    with pytest.raises(RunBusy, match="held by job alive"):
+        with held(storage, "run"):
+            pass
 
 
 def test_a_job_of_a_held_run_is_refused_before_any_work(tmp_path):
