@@ -211,6 +211,10 @@ def _typed(where: str, kind: Any, value: Any) -> Any:
     """`value` as a field of type `kind` wants it, or a TypeError naming the field: a config file
     or --set gives JSON, where "false" is a true string and "64" no number."""
     origin = typing.get_origin(kind)
+    if kind is Any or (origin is dict and typing.get_args(kind)[1] is Any):
+        return _plain(value)
+    if kind is str and value is None:       # e.g. endpoint_url=os.environ.get(...): unset
+        return ""
     if origin is tuple:           # JSON gives a list; frozen dataclasses want a tuple
         item = typing.get_args(kind)[0]
         if isinstance(value, (list, tuple)) and all(isinstance(v, item) for v in value):
@@ -227,6 +231,17 @@ def _typed(where: str, kind: Any, value: Any) -> Any:
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             dict: "an object"}.get(origin or kind, str(kind))
     raise TypeError(f"{where}: expected {name}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    """numpy's scalars inside free-form fields (model options) as Python's, as JSON wants."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "sampler": SamplerConfig,

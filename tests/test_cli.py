@@ -139,6 +139,9 @@ def test_a_config_built_in_python_is_checked_and_gives_plain_json():
     assert (type(config.train.batch_size), type(config.train.dense_lr),
             type(config.train.use_gpu)) == (int, float, bool)
     assert json.loads(config.to_json())["train"]["batch_size"] == 64
+    options = JobConfig().replace(model={"options": {"kernel": np.int64(5), "sizes": [np.int32(2)]}})
+    assert json.loads(options.to_json())["model"]["options"] == {"kernel": 5, "sizes": [2]}
+    assert JobConfig().replace(storage={"endpoint_url": None}).storage.endpoint_url == ""
     with pytest.raises(TypeError, match="TrainConfig.use_gpu: expected true or false, got 'no'"):
         JobConfig(train=TrainConfig(use_gpu="no"))
     with pytest.raises(TypeError, match="ModelConfig.hidden_dim: expected an integer, got 6.5"):

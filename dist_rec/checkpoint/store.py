@@ -85,7 +85,8 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO
     """
     fd, staging = tempfile.mkstemp(prefix=".staging-", suffix=".tmp",
                                    dir=posixpath.dirname(path) if is_local(fs) else None)
-    os.fchmod(fd, _FILE_MODE)
+    if is_local(fs):   # an upload's staging copy in the shared temp directory stays private
+        os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -97,14 +98,22 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO
         else:
             fs.put_file(staging, path)
         return record
-    # A full disk or a storage error names no file, and torch.save turns it into a RuntimeError.
-    except OSError as error:
-        raise OSError(error.errno, f"{to_uri(fs, path)}: could not write it: {error}") from error
-    except RuntimeError as error:
-        raise RuntimeError(f"{to_uri(fs, path)}: could not write it: {error}") from error
+    except (OSError, RuntimeError) as error:
+        raise _naming(error, f"{to_uri(fs, path)}: could not write it") from error
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def _naming(error: Exception, where: str) -> Exception:
+    """`error`, of its own class, with `where` in front: a full disk or a storage error names no
+    file, and torch.save reports one as a RuntimeError."""
+    try:
+        if isinstance(error, OSError) and error.errno is not None:
+            return type(error)(error.errno, f"{where}: {error.strerror}")
+        return type(error)(f"{where}: {error}")
+    except TypeError:            # a class whose constructor takes other arguments
+        return RuntimeError(f"{where}: {type(error).__name__}: {error}")
 
 
 def _create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

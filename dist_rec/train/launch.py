@@ -124,4 +124,7 @@ def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) ->
     try:
         return trainer.fit()
     finally:
-        forget_ray_snapshot(config)
+        try:          # a failed cleanup must not hide the job's own outcome
+            forget_ray_snapshot(config)
+        except Exception as error:
+            logger.warning("could not remove Ray's snapshot of run %r: %s", config.run_name, error)

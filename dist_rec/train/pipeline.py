@@ -75,10 +75,16 @@ def events_uri(job: JobSpec) -> str:
     return uri
 
 
+def prepared_uri(config: JobConfig) -> str:
+    """<work_dir>/prepared-<run>-<storage's hash>: the run is its --storage and --run-name, whose
+    lease covers this directory; two runs of one name in other storages share no data."""
+    storage = hashlib.sha256(config.storage.uri.encode()).hexdigest()[:8]
+    return posixpath.join(config.data.work_dir, f"prepared-{config.run_name}-{storage}")
+
+
 def prepare_data(job: JobSpec) -> PreparedData:
     data = dataclasses.replace(job.config.data, events_uri=events_uri(job))
-    out = posixpath.join(data.work_dir, f"prepared-{job.config.run_name}")
-    return prepare(data, out, data.test_users, job.config.train.seed,
+    return prepare(data, prepared_uri(job.config), data.test_users, job.config.train.seed,
                    job.config.storage.storage_options())
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from dist_rec.checkpoint import lease
 from dist_rec.checkpoint.lease import LEASE, RunBusy, held
 from dist_rec.cli import main
 from dist_rec.config import StorageConfig
@@ -82,18 +82,66 @@ def test_the_lease_of_a_driver_gone_from_this_host_is_taken_over_at_once(storage
     fs, root = filesystem(storage)
     fs.makedirs(f"{root}/run", exist_ok=True)
     fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(
-        {"job": "killed", "host": socket.gethostname(), "pid": int(dead.stdout),
+        {"job": "killed", "machine": lease._machine(), "pid": int(dead.stdout),
          "started": "", "renewed": time.time()}).encode())
     with caplog.at_level(logging.WARNING), held(storage, "run") as me:
         assert lease_of(storage)["job"] == me["job"]
     assert "taking over the lease of job killed" in caplog.text
     fs.makedirs(f"{root}/run", exist_ok=True)
     fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(                 # alive: this process
-        {"job": "alive", "host": socket.gethostname(), "pid": os.getpid(), "started": "",
+        {"job": "alive", "machine": lease._machine(), "pid": os.getpid(), "started": "",
          "renewed": time.time()}).encode())
     with pytest.raises(RunBusy, match="held by job alive"):
         with held(storage, "run"):
             pass
+
+
+def write_lease(storage: StorageConfig, record: dict) -> None:
+    from dist_rec.checkpoint.store import filesystem
+    fs, root = filesystem(storage)
+    fs.makedirs(f"{root}/run", exist_ok=True)
+    fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(record).encode())
+
+
+def test_of_two_jobs_taking_over_one_stale_lease_one_wins(storage, monkeypatch):
+    """B read the stale record before A took it over: B must not delete A's new lease."""
+    stale = {"job": "dead", "host": "elsewhere", "pid": 1, "renewed": time.time() - 600}
+    write_lease(storage, stale)
+    with held(storage, "run") as a:
+        real_read = lease._read
+        reads = iter([stale])                    # B's first read: the record before A came
+        monkeypatch.setattr(lease, "_read", lambda fs, path: next(reads, None) or real_read(fs, path))
+        with pytest.raises(RunBusy, match="another job is taking over the stale lease of job dead"):
+            with held(storage, "run"):
+                pass
+        monkeypatch.setattr(lease, "_read", real_read)
+        assert lease_of(storage)["job"] == a["job"]
+    assert lease_of(storage) is None
+
+
+def test_a_job_whose_lease_was_taken_stops(storage):
+    with pytest.raises(RunBusy, match="lost the run's lease"):
+        with held(storage, "run", renew_seconds=0.1) as me:
+            write_lease(storage, {**lease_of(storage), "job": "usurper"})
+            time.sleep(30)                        # interrupted by the renewer long before
+    assert lease_of(storage)["job"] == "usurper" != me["job"]   # not the loser's to remove
+
+
+def test_renewal_survives_storage_errors_and_stops_the_job_when_they_last(storage, monkeypatch,
+                                                                        caplog):
+    """botocore's connection errors are no OSErrors: the renewer logs them and tries again; once
+    the lease went unrenewed for stale_seconds, another job may hold the run, so this one stops."""
+    class EndpointConnectionError(Exception):
+        pass
+
+    def unreachable(fs, path, write):
+        raise EndpointConnectionError("Could not connect to the endpoint URL")
+    monkeypatch.setattr(lease, "_publish", unreachable)
+    with caplog.at_level(logging.WARNING), pytest.raises(RunBusy, match="lost the run's lease"):
+        with held(storage, "run", renew_seconds=0.1, stale_seconds=1.0):
+            time.sleep(30)
+    assert caplog.text.count("could not renew the run's lease: Could not connect") >= 5
+    assert "not renewed for 1 s, so another job may take it" in caplog.text
 
 
 def test_a_job_of_a_held_run_is_refused_before_any_work(tmp_path):

@@ -187,7 +187,8 @@ def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
     jobs = [smoke_job(tmp_path, "--run-name", name, "--set", "data.rows_per_shard=300")
             for name in ("first", "second")]
     runs = [pipeline.run(job) for job in jobs]
-    assert len(list((tmp_path / "data" / "prepared-first" / "windows").glob("*.parquet"))) >= 8
+    windows = Path(pipeline.prepared_uri(jobs[0].config)) / "windows"
+    assert len(list(windows.glob("*.parquet"))) >= 8
     timing = {"events_per_second", "train_seconds", "checkpoint"}
     first, second = ({k: v for k, v in run["metrics"].items() if k not in timing} for run in runs)
     assert first == second
@@ -215,7 +216,7 @@ def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_p
     result = pipeline.run(job)
     metrics = result["metrics"]
     assert metrics["epoch"] == 4 and metrics["hr@20"] > 0
-    prepared = pipeline.PreparedData.load(str(tmp_path / "data" / "prepared-smoke"))
+    prepared = pipeline.PreparedData.load(pipeline.prepared_uri(job.config))
     assert prepared.dimensions.item_feature_sizes == (1, 3)      # category_id, brand
     # Offsets (sd 1) read from past values; predicting 0 would score ~1.02, the noise floor is 0.2.
     assert 0.2 < metrics["value_rmse"] < 0.6, metrics
