@@ -97,9 +97,9 @@ def _acquire(fs: fsspec.AbstractFileSystem, path: str, me: dict[str, Any],
             raise RunBusy(f"{to_uri(fs, path)}: the run is held by job {holder.get('job')} on "
                           f"{holder.get('host')} (pid {holder.get('pid')}), started "
                           f"{holder.get('started')}, renewed {age:.0f} s ago: wait for it to end, "
-                          f"or give this job its own --run-name (a lease is taken over once not "
-                          f"renewed for {stale_seconds:.0f} s, or at once when its driver is gone "
-                          f"from this machine)")
+                          f"or give this job its own --run-name (if its driver is dead, the lease "
+                          f"is taken over in {max(stale_seconds - age, 0):.0f} s, once not renewed "
+                          f"for {stale_seconds:.0f} s; at once when the driver was on this machine)")
         # One job takes over this stale record: the one that creates its marker. A job that read
         # the same record later finds the marker, and does not delete the new holder's lease.
         takeover = f"{path}.takeover-{holder.get('job')}-{holder.get('renewed')}"

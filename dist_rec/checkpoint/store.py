@@ -107,10 +107,13 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO
 
 def _naming(error: Exception, where: str) -> Exception:
     """`error`, of its own class, with `where` in front: a full disk or a storage error names no
-    file, and torch.save reports one as a RuntimeError."""
+    file, and torch.save reports one as a RuntimeError whose text hides it."""
     try:
         if isinstance(error, OSError) and error.errno is not None:
             return type(error)(error.errno, f"{where}: {error.strerror}")
+        hidden = error.__context__
+        if isinstance(hidden, OSError) and hidden.strerror:
+            return type(error)(f"{where}: {hidden.strerror} ({error})")
         return type(error)(f"{where}: {error}")
     except TypeError:            # a class whose constructor takes other arguments
         return RuntimeError(f"{where}: {type(error).__name__}: {error}")

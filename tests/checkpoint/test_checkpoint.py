@@ -226,18 +226,28 @@ def test_a_checkpoint_of_another_format_version_is_neither_skipped_nor_removed(s
     assert os.path.exists(manifest_path)
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   PermissionError("Access Denied"),        # s3fs's, no errno
-                                   RuntimeError("[enforce fail at inline_container.cc] . unexpected pos")])
-def test_a_failed_write_names_its_file_and_publishes_nothing(storage, monkeypatch, error):
-    """A full disk names no file: as itself, or as torch.save's RuntimeError. The error names the
-    checkpoint file that could not be written, and no part of it is published."""
+@pytest.mark.parametrize("error, hidden, message", [
+    (OSError(28, "No space left on device"), None, "No space left on device"),
+    (PermissionError("Access Denied"), None, "Access Denied"),           # s3fs's: no errno
+    (RuntimeError("[enforce fail at inline_container.cc] . unexpected pos"),  # torch.save's
+     OSError(28, "No space left on device"),
+     r"No space left on device \(\[enforce fail at inline_container.cc\] . unexpected pos\)"),
+])
+def test_a_failed_write_names_its_file_and_publishes_nothing(storage, monkeypatch, error, hidden,
+                                                             message):
+    """A full disk names no file, and torch.save reports it as a RuntimeError that hides the
+    OSError. The error names the checkpoint file and the cause, keeps its class, and no part of
+    the file is published."""
     def disk_full(obj, f, *args, **kwargs):
         f.write(b"the first bytes")
-        raise error
+        try:
+            if hidden:
+                raise hidden
+        finally:
+            raise error
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(type(error), match=rf"step-000000005/tables-rank0-of-1.pt: could not write "
-                                          rf"it: .*{re.escape(str(error)[-20:])}"):
+                                          rf"it: {message}$"):
         save_checkpoint(storage, RUN, 5, {"input": torch.zeros(3, 2)})
     step = os.path.join(storage.uri, RUN, "checkpoints", "step-000000005")
     assert os.listdir(step) == []
