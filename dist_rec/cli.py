@@ -227,8 +227,9 @@ def build_parser(train_prog: str | None = None) -> argparse.ArgumentParser:
         "prepare", help="events -> vocabulary + window shards (train's first step, alone)",
         description="train's data step alone: read --events (or generate Taobao-like data when "
         "it is empty),\nhold out --test-users, write the vocabulary and window shards to "
-        "WORK_DIR/prepared-RUN_NAME-<hash of --storage>\nand print that path. Its flags are train's data flags;\n--config and --set take a whole "
-        "train config, of which the data settings count.\n(train prepares the data again itself.)",
+        "WORK_DIR/prepared-RUN_NAME-<hash of --storage>\nand print that path. Its flags are "
+        "train's data flags;\n--config and --set take a whole train config, of which the data "
+        "settings count.\n(train prepares the data again itself.)",
         epilog=S3_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(prepare, PREPARE_FLAGS)
     train = commands.add_parser(

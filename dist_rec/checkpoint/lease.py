@@ -169,7 +169,8 @@ def _machine() -> str:
 def _gone(holder: dict[str, Any]) -> bool:
     """Whether the holder's driver ran on this machine and its process is no more (a killed job
     rerun at once); a process that reuses its pid keeps the lease until it is stale."""
-    if not _machine() or holder.get("machine") != _machine() or not isinstance(holder.get("pid"), int):
+    here = _machine()
+    if not here or holder.get("machine") != here or not isinstance(holder.get("pid"), int):
         return False
     try:
         os.kill(holder["pid"], 0)
