@@ -8,15 +8,19 @@ so two runs can be diffed as files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from botocore.exceptions import NoCredentialsError
 
 from dist_rec.checkpoint.lease import RunBusy
 from dist_rec.config import JobConfig
+
 
 def column_list(text: str) -> tuple[str, ...]:
     """'a,b' -> ('a', 'b')."""
@@ -256,10 +260,11 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
         print(job.config.to_json())
         return 0
     try:
-        if args.command == "prepare":
-            print(pipeline.prepare_alone(job).uri)
-            return 0
-        summary = pipeline.run(job)
+        with _sigterm_exits():
+            if args.command == "prepare":
+                print(pipeline.prepare_alone(job).uri)
+                return 0
+            summary = pipeline.run(job)
     except RunBusy as error:                # another job of the run: no traceback to read
         raise SystemExit(str(error)) from None
     except NoCredentialsError as error:     # raised deep in s3fs, naming no path
@@ -269,6 +274,22 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
         raise SystemExit(f"{', '.join(s3)}: no S3 credentials found ({error}).\n{S3_HELP}") from None
     print(pipeline.format_summary(summary))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, a scheduler's timeout, `kill`) ends the job through its cleanup,
+    as Ctrl-C does: the run's lease is released, so the next job need not wait for it to go
+    stale. Python's default would end the process on the spot. (Ray's driver installs the same
+    handler once connected; this covers the time before, and `prepare`, which runs no Ray.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield                 # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -186,11 +186,14 @@ def _encode(me: dict[str, Any]) -> bytes:
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    """The lease's record, None if there is none; an unreadable one counts as fresh."""
+    """The lease's record, None if there is none. One that is not ours to read (edited by hand,
+    another tool's) counts as renewed when its file was last written: it goes stale too."""
     try:
         fs.invalidate_cache(posixpath.dirname(path))
-        return json.loads(fs.cat_file(path))
+        raw = fs.cat_file(path)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return {"job": "(an unreadable lease.json)", "renewed": fs.modified(path).timestamp()}
     except FileNotFoundError:
         return None
-    except ValueError:
-        return {"job": "(an unreadable lease.json)", "renewed": time.time()}

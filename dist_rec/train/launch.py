@@ -45,20 +45,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return not address
 
 
-def check_fits(config: JobConfig, resources: dict[str, float]) -> None:
+def check_fits(config: JobConfig, resources: dict[str, float], can_grow: bool = False) -> None:
     """Refuse a job that a Ray which cannot grow (the local one) could never place: Ray Train
-    would wait for the GPUs without end, and workers holding every CPU starve the data stream."""
+    would wait for the GPUs without end, and workers holding every CPU starve the data stream.
+    On a cluster (`can_grow`) the same shortfall is a warning: an autoscaler may add nodes, and
+    without one the job waits for ever."""
     workers, cpus = config.train.num_workers, config.train.cpus_per_worker
+    ray_name = "the cluster" if can_grow else "the local Ray"
+    shortfalls = []           # (what is missing, what to do about it on a local Ray)
     if config.train.use_gpu and resources.get("GPU", 0) < workers:
-        raise ValueError(f"--gpu: {workers} worker(s) need a GPU each and the local Ray has "
-                         f"{resources.get('GPU', 0):g}: train without --gpu, or join a cluster with "
-                         f"GPUs (--ray-address)")
+        shortfalls.append((f"--gpu: {workers} worker(s) need a GPU each and {ray_name} has "
+                           f"{resources.get('GPU', 0):g}",
+                           "train without --gpu, or join a cluster with GPUs (--ray-address)"))
     needed = workers * cpus + 1
     if needed > resources.get("CPU", 0):
-        raise ValueError(f"--workers {workers} with {cpus:g} CPU each, and one CPU for reading the "
-                         f"data, need {needed:g} CPUs; the local Ray has "
-                         f"{resources.get('CPU', 0):g}: give fewer --workers (or less "
-                         f"train.cpus_per_worker), or join a cluster (--ray-address)")
+        shortfalls.append((f"--workers {workers} with {cpus:g} CPU each, and one CPU for reading "
+                           f"the data, need {needed:g} CPUs; {ray_name} has "
+                           f"{resources.get('CPU', 0):g}",
+                           "give fewer --workers (or less train.cpus_per_worker), or join a "
+                           "cluster (--ray-address)"))
+    if shortfalls and can_grow:
+        logger.warning("%s now: the job waits until the cluster grows (an autoscaler adds "
+                       "nodes), and without end if it cannot", "; ".join(w for w, _ in shortfalls))
+    elif shortfalls:
+        raise ValueError(": ".join(shortfalls[0]))
 
 
 def _repo_root() -> str:

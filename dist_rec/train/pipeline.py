@@ -126,9 +126,10 @@ def _run(job: JobSpec) -> dict[str, Any]:
             logger.warning("run %r is complete at %s, and its summary.json is missing or was not "
                            "evaluated on this data: evaluating that checkpoint again",
                            config.run_name, resume_from)
-    # Before the data (minutes at scale): a job the local Ray could never place is refused first.
-    if ensure_ray(job.ray_address):
-        check_fits(config, ray.cluster_resources())
+    # Before the data (minutes at scale): a job the local Ray could never place is refused first;
+    # on a cluster, one it cannot place now is warned of.
+    local = ensure_ray(job.ray_address)
+    check_fits(config, ray.cluster_resources(), can_grow=not local)
     prepared = prepare_data(job)
     if resume_from:   # the rows and the encoder's sizes come from the data: refuse before Ray does
         recorded = manifest.get("dimensions") is not None   # not by checkpoints of older code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,19 @@ def test_a_job_the_local_ray_cannot_place_is_refused(ray_cluster, tmp_path):
                                          "the data, need 4 CPUs; the local Ray has 3"):
         pipeline.run(smoke_job(tmp_path, "--workers", "3", "--run-name", "three"))   # 3 CPUs
     assert not (tmp_path / "runs" / "three").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_cluster_too_small_for_the_job_is_warned_of(tmp_path, caplog):
+    """A cluster may grow (an autoscaler), so the shortfall is not refused, but said: on a
+    `ray start --num-cpus 2` head, 2 workers left Ray Data no CPU and the job hung silently."""
+    with caplog.at_level(logging.WARNING, logger="dist_rec.train.launch"):
+        check_fits(smoke_job(tmp_path).config, {"CPU": 3.0}, can_grow=True)
+        assert not caplog.records
+        check_fits(smoke_job(tmp_path, "--gpu").config, {"CPU": 2.0}, can_grow=True)
+    assert caplog.messages == [
+        "--gpu: 2 worker(s) need a GPU each and the cluster has 0; --workers 2 with 1 CPU each, "
+        "and one CPU for reading the data, need 3 CPUs; the cluster has 2 now: the job waits "
+        "until the cluster grows (an autoscaler adds nodes), and without end if it cannot"]
 
 
 def test_a_saved_summary_answers_only_for_its_checkpoint_data_and_seed(tmp_path):
