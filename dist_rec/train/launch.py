@@ -94,25 +94,28 @@ def storage_path(config: JobConfig) -> tuple[str, Any]:
     return path, fs
 
 
-# Ray Train's record of the checkpoints reported to it, in its run directory <storage>/<run>/.
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Ray Train's own files in its run directory <storage>/<run>/: its record of the checkpoints
+# reported to it, and the empty marker by which its workers check that they see the storage.
+RAY_RECORDS = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")
 
 
-def forget_ray_snapshot(config: JobConfig) -> None:
-    """Remove Ray's snapshot of an earlier job of this run. Ray would restore it, and refuse to
-    start once a checkpoint it lists is gone; ours are pruned and discarded by our own rules
-    (dist_rec.checkpoint) and resumed without it (state.restore_newest). Ray's run directory must
-    hold the checkpoints it is told of, so it stays <storage>/<run>/; only the snapshot goes."""
+def forget_ray_records(config: JobConfig) -> None:
+    """Remove Ray's files of an earlier job of this run. Ray would restore its snapshot, and
+    refuse to start once a checkpoint it lists is gone; ours are pruned and discarded by our own
+    rules (dist_rec.checkpoint) and resumed without it (state.restore_newest). Ray's run directory
+    must hold the checkpoints it is told of, so it stays <storage>/<run>/; only its files go, and
+    the run holds what is ours alone: checkpoints/ and summary.json."""
     path, fs = storage_path(config)
-    snapshot = posixpath.join(path, config.run_name, RAY_SNAPSHOT)
-    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound:
-        fs.delete_file(snapshot)
+    for name in RAY_RECORDS:
+        record = posixpath.join(path, config.run_name, name)
+        if fs.get_file_info(record).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(record)
 
 
 def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) -> ray.train.Result:
     """Train `config` on the prepared data at `prepared_uri`; returns Ray's Result. Every
     attempt, the first and each retry, resumes from the run's newest verified checkpoint."""
-    forget_ray_snapshot(config)
+    forget_ray_records(config)
     path, fs = storage_path(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -135,6 +138,6 @@ def run_training(config: JobConfig, prepared_uri: str, max_failures: int = 2) ->
         return trainer.fit()
     finally:
         try:          # a failed cleanup must not hide the job's own outcome
-            forget_ray_snapshot(config)
+            forget_ray_records(config)
         except Exception as error:
-            logger.warning("could not remove Ray's snapshot of run %r: %s", config.run_name, error)
+            logger.warning("could not remove Ray's files of run %r: %s", config.run_name, error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from dist_rec import checkpoint
 from dist_rec.cli import build_parser, config_from_args
 from dist_rec.data import synthetic
 from dist_rec.train import pipeline
-from dist_rec.train.launch import RAY_SNAPSHOT, check_fits
+from dist_rec.train.launch import check_fits
 from tests.train.test_metadata_path import write_world
 
 pytestmark = pytest.mark.ray
@@ -68,14 +69,15 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
 def test_a_run_whose_checkpoints_were_pruned_trains_on_in_a_later_job(ray_cluster, tmp_path):
     """--keep-last 1: the second epoch's checkpoint prunes the first. A later job with more
     epochs resumes from the newest. (Ray's snapshot of the earlier job listed the pruned one, and
-    Ray refused to start a run of the same name.) Ray's snapshot does not outlive a job."""
+    Ray refused to start a run of the same name.) Ray's files do not outlive a job: the run holds
+    only its checkpoints and summary."""
     first = pipeline.run(smoke_job(tmp_path, "--keep-last", "1", "--epochs", "2"))
     storage = smoke_job(tmp_path).config.storage
     assert checkpoint.list_checkpoints(storage, "smoke") == [first["checkpoint"]]
     second = pipeline.run(smoke_job(tmp_path, "--keep-last", "1", "--epochs", "3"))
     assert second["resumed_from"] == first["checkpoint"] and second["metrics"]["epoch"] == 3
     assert checkpoint.list_checkpoints(storage, "smoke") == [second["checkpoint"]]
-    assert not (tmp_path / "runs" / "smoke" / RAY_SNAPSHOT).exists()
+    assert sorted(os.listdir(tmp_path / "runs" / "smoke")) == ["checkpoints", "summary.json"]
 
 
 def test_too_few_test_users_for_the_workers_fail_before_training(ray_cluster, tmp_path):
