@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of, chunk_scores,
-                                       excluded_cells, reference_scores, top_columns)
+                                       excluded_cells, log_partition, reference_scores,
+                                       top_columns)
 
 
 class _Group:
@@ -289,17 +290,8 @@ class ShardedItemTables(nn.Module):
         queries = group.all_gather(hidden)
         everything, targets = torch.cat(queries), torch.cat(group.all_gather(targets))
         local_excluded = self._local_exclusions(hidden, exclude)             # (Q, M)
-        weight, bias = self._output_table().weight, self.bias.weight[:, 0]
-        ours = targets % group.world == group.rank
-        local = targets // group.world
-        # The owner computes each target's score row-wise, as ItemTables does; the others add 0.
-        target_weight, target_bias = weight[local[ours]], bias[local[ours]]
-        if row_view is not None:
-            target_weight, target_bias = row_view(targets[ours], target_weight, target_bias)
-        reference = everything.new_zeros(2, len(targets), dtype=torch.float64)  # scores, slack
-        reference[:, ours] = torch.stack(reference_scores(everything[ours], target_weight,
-                                                          target_bias))
-        target_scores, slack = group.all_reduce(reference)
+        target_scores, slack = self._target_scores(everything, targets, row_view)
+        ours, local = targets % group.world == group.rank, targets // group.world
         ranks = torch.zeros_like(targets)
         for start, stop in self._chunks(chunk_rows):
             above = at_or_above(everything, *self._scoring_rows(start, stop, row_view),
@@ -310,6 +302,38 @@ class ShardedItemTables(nn.Module):
             above[inside.nonzero().squeeze(1), local[inside] - start] = True
             ranks += above.sum(1)
         return group.all_reduce(ranks)[self._own_slice(queries)] - 1        # minus the target itself
+
+    @torch.no_grad()
+    def target_log_likelihoods(self, hidden: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int = 262_144, row_view: RowView | None = None
+                               ) -> torch.Tensor:
+        """Each target's full-softmax log-probability, as ItemTables.target_log_likelihoods;
+        a collective: each shard's logsumexp over its rows, combined over ranks."""
+        group = self._group
+        queries = group.all_gather(hidden)
+        everything, targets = torch.cat(queries), torch.cat(group.all_gather(targets))
+        target_scores, _ = self._target_scores(everything, targets, row_view)
+        partition = log_partition(everything, (self._scoring_rows(start, stop, row_view)
+                                               for start, stop in self._chunks(chunk_rows)))
+        partition = torch.stack(group.all_gather(partition)).logsumexp(0)
+        return (target_scores - partition)[self._own_slice(queries)]
+
+    def _target_scores(self, everything: torch.Tensor, targets: torch.Tensor,
+                       row_view: RowView | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's queries (Q, D) and targets (Q,) -> the targets' scores and slack (Q,)
+        from `reference_scores`, on every rank; a collective. The owner of a target computes its
+        score row-wise, as ItemTables does; the others add 0."""
+        group = self._group
+        weight, bias = self._output_table().weight, self.bias.weight[:, 0]
+        ours = targets % group.world == group.rank
+        local = targets // group.world
+        target_weight, target_bias = weight[local[ours]], bias[local[ours]]
+        if row_view is not None:
+            target_weight, target_bias = row_view(targets[ours], target_weight, target_bias)
+        reference = everything.new_zeros(2, len(targets), dtype=torch.float64)  # scores, slack
+        reference[:, ours] = torch.stack(reference_scores(everything[ours], target_weight,
+                                                          target_bias))
+        return tuple(group.all_reduce(reference))
 
     def _local_exclusions(self, hidden: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
         """Every rank's `exclude` (N, M) item ids (0 = none; None: none) as this shard's local

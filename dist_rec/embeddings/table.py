@@ -8,7 +8,7 @@ interface with rows split across ranks; models cannot tell them apart.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -115,6 +115,36 @@ class ItemTables(nn.Module):
             above[inside.nonzero().squeeze(1), targets[inside] - start] = True
             ranks += above.sum(1)
         return ranks - 1  # minus the target itself
+
+    @torch.no_grad()
+    def target_log_likelihoods(self, hidden: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int = 262_144, row_view: RowView | None = None
+                               ) -> torch.Tensor:
+        """Each target's log-probability under the full softmax over the catalog (for perplexity).
+
+        hidden (N, D), targets (N,) -> (N,) float64 = score_target - logsumexp_j score_j over items
+        1..N, in float64 (a float32 logsumexp over millions of items loses the digits that tell
+        two models apart). `row_view` changes the rows scored (see RowView)."""
+        weight, bias = self.output_weight()
+        target_weight, target_bias = weight[targets], bias[targets]
+        if row_view is not None:
+            target_weight, target_bias = row_view(targets, target_weight, target_bias)
+        target_scores, _ = reference_scores(hidden, target_weight, target_bias)
+        chunks = [(start, min(start + chunk_rows, self.num_items + 1))
+                  for start in range(1, self.num_items + 1, chunk_rows)]
+        return target_scores - log_partition(hidden, (self._scoring_rows(start, stop, row_view)
+                                                      for start, stop in chunks))
+
+
+def log_partition(hidden: torch.Tensor, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> torch.Tensor:
+    """hidden (Q, D), chunks of rows [(vectors (C, D), bias (C,))] -> (Q,) float64 logsumexp of
+    every row's score; -inf for no rows (a shard may hold none)."""
+    partition = hidden.new_full((hidden.shape[0],), float("-inf"), dtype=torch.float64)
+    for weight, bias in chunks:
+        scores = torch.addmm(bias.double(), hidden.double(), weight.double().t())
+        partition = torch.logaddexp(partition, scores.logsumexp(1))
+    return partition
 
 
 def excluded_cells(excluded: torch.Tensor, start: int, stop: int

@@ -31,7 +31,7 @@ from dist_rec.data.sequences import history_batch
 from dist_rec.data.vocab import UNKNOWN_ITEM
 from dist_rec.evaluation.histories import Histories, as_histories
 from dist_rec.evaluation.metrics import (NEVER_RANKED, multi_target_precision_recall,
-                                         rank_metrics)
+                                         perplexity, rank_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ class Ranker(Protocol):
     """Scores items for the last position of every row of a batch (B rows, C candidates).
 
     Optional, for causal scorers: `step_ranks(batch) -> (B, T)` int64, the full-catalog rank of
-    `batch.targets` at every position of `batch.mask` (-1 elsewhere), from one pass.
+    `batch.targets` at every position of `batch.mask` (-1 elsewhere), from one pass. Optional, for
+    rankers with a softmax over the catalog (perplexity): `target_log_likelihoods(batch, targets)
+    -> (B,)` float64 and, beside `step_ranks`, `step_log_likelihoods(batch) -> (B, T)` (NaN off
+    the mask): the targets' log-probabilities.
     """
 
     num_items: int  # dense ids 1..num_items
@@ -112,17 +115,30 @@ class ModelRanker:
             # candidate identical to the target ties with it exactly.
             return ((weight * hidden.unsqueeze(1)).sum(-1) + bias).cpu()
 
+    def target_log_likelihoods(self, batch, targets):
+        with _inference(self.model):
+            return self.model.scorer.target_log_likelihoods(self._last_hidden(batch),
+                                                            targets.to(self.device)).cpu()
+
     def step_ranks(self, batch):
+        return self._every_step(batch, self.model.scorer.target_ranks, -1, torch.int64)
+
+    def step_log_likelihoods(self, batch):
+        return self._every_step(batch, self.model.scorer.target_log_likelihoods, math.nan,
+                                torch.float64)
+
+    def _every_step(self, batch, measure, fill, dtype) -> torch.Tensor:
+        """`measure(hidden, targets)` of the scorer at every position of `batch.mask`, in calls of
+        rows_per_call positions -> (B, T) of `dtype`, `fill` off the mask."""
         with _inference(self.model):
             batch = batch.to(self.device)
             mask = batch.mask
             hidden, targets = self.model.hidden(batch)[mask], batch.targets[mask]  # (N, D), (N,)
-            ranks = torch.full(mask.shape, -1, dtype=torch.int64, device=self.device)
-            ranks[mask] = torch.cat([
-                self.model.scorer.target_ranks(hidden[i:i + self.rows_per_call],
-                                               targets[i:i + self.rows_per_call])
-                for i in range(0, len(targets), self.rows_per_call)] or [targets])
-            return ranks.cpu()
+            out = torch.full(mask.shape, fill, dtype=dtype, device=self.device)
+            out[mask] = torch.cat([
+                measure(hidden[i:i + self.rows_per_call], targets[i:i + self.rows_per_call])
+                for i in range(0, len(targets), self.rows_per_call)] or [out[mask]])
+            return out.cpu()
 
 
 def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -170,12 +186,26 @@ def _sessions(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
     return kept
 
 
-def _ranks_of_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max_length,
-                      data_config, batch_size, progress, desc) -> torch.Tensor:
+def _session_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max_length,
+                     data_config, batch_size, progress, desc
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The targets' full-catalog ranks (N,) and, if the ranker gives them, log-likelihoods (N,)."""
     now = np.zeros(len(inputs), np.int64)  # sessions carry no time: every delta is bucket(0)
     targets = torch.as_tensor(targets, dtype=torch.int64)
-    return torch.cat([ranker.target_ranks(batch, targets[rows]) for rows, batch in
-                      _batches(inputs, now, max_length, data_config, batch_size, progress, desc)])
+    likelihoods = getattr(ranker, "target_log_likelihoods", None)
+    ranks, logs = [], []
+    for rows, batch in _batches(inputs, now, max_length, data_config, batch_size, progress, desc):
+        ranks.append(ranker.target_ranks(batch, targets[rows]))
+        if likelihoods is not None:
+            logs.append(likelihoods(batch, targets[rows]))
+    return torch.cat(ranks), torch.cat(logs) if likelihoods is not None else None
+
+
+def _perplexity(log_likelihoods: torch.Tensor | None, name: str = "perplexity") -> dict[str, float]:
+    """{name: exp(-mean log-likelihood)}, or nothing for a ranker without a softmax."""
+    if log_likelihoods is None:
+        return {}
+    return {name: perplexity(log_likelihoods.mean().item()) if len(log_likelihoods) else math.nan}
 
 
 def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequence[int] = (10, 20),
@@ -189,14 +219,15 @@ def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequen
     NowPlaying); target = the last item; the target is ranked among ALL items,
     items seen in the session are NOT excluded, ties count against the target. Sessions carry no
     time: timestamps and `now` are 0, event types 1. Returns hr@k, ndcg@k (1/log2(rank+2)),
-    mrr@k for every k, averaged over sessions, and count.
+    mrr@k for every k, averaged over sessions, and count; and perplexity, exp(-mean log p(target))
+    under the softmax over all items, for a ranker that has one (`target_log_likelihoods`).
     """
     kept = _sessions(sessions)
     inputs = Histories.from_items([s[:-1] for s in kept])
-    ranks = _ranks_of_targets(ranker, inputs, np.array([s[-1] for s in kept], np.int64),
-                              max_length, data_config or DataConfig(), batch_size, progress,
-                              "session last item")
-    return {**rank_metrics(ranks, ks), "count": float(len(ranks))}
+    ranks, logs = _session_targets(ranker, inputs, np.array([s[-1] for s in kept], np.int64),
+                                   max_length, data_config or DataConfig(), batch_size, progress,
+                                   "session last item")
+    return {**rank_metrics(ranks, ks), **_perplexity(logs), "count": float(len(ranks))}
 
 
 def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
@@ -212,6 +243,7 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
     ranks every prefix of a session in one pass over the whole session; otherwise every prefix is
     its own row. A ranker whose encoder reads at most `ranker.max_length` steps (SASRec's and
     ConvRec's learned positions) reads each prefix's last max_length items when a session is longer.
+    perplexity (over events), as in `session_last_item`, for a ranker with a softmax.
     """
     data_config = data_config or DataConfig()
     kept = _sessions(sessions)
@@ -223,14 +255,21 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
         # One pass would let late positions see more than max_length items: a row per prefix.
         inputs = Histories.from_items([s[:t] for s in kept for t in range(1, len(s))])
         targets = np.array([x for s in kept for x in s[1:]], np.int64)
-        ranks = _ranks_of_targets(ranker, inputs, targets, max_length, data_config, batch_size,
-                                  progress, "session prefixes")
+        ranks, logs = _session_targets(ranker, inputs, targets, max_length, data_config,
+                                       batch_size, progress, "session prefixes")
     else:
         # history_batch sets targets[t] = items[t+1]: the mask marks the n-1 predictions.
         batches = _batches(Histories.from_items(kept), np.zeros(len(kept), np.int64), None,
                            data_config, batch_size, progress, "session steps")
-        ranks = torch.cat([step_ranks(batch)[batch.mask] for _, batch in batches])
-    return {**rank_metrics(ranks, ks, ("recall", "mrr")), "count": float(len(ranks))}
+        step_likelihoods = getattr(ranker, "step_log_likelihoods", None)
+        ranks, logs = [], []
+        for _, batch in batches:
+            ranks.append(step_ranks(batch)[batch.mask])
+            if step_likelihoods is not None:
+                logs.append(step_likelihoods(batch)[batch.mask])
+        ranks, logs = torch.cat(ranks), torch.cat(logs) if step_likelihoods is not None else None
+    return {**rank_metrics(ranks, ks, ("recall", "mrr")), **_perplexity(logs),
+            "count": float(len(ranks))}
 
 
 def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
@@ -324,7 +363,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     the population (a) samples its negatives from, so items the user already has (which a
     recommender would filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
-    users, and count. Same seed, same users and negatives (whatever the batch size).
+    users, and count; with (b), full_perplexity, exp(-mean log p(target)) under the softmax over
+    all items, over the targets on known items, for a ranker that has one. Same seed, same users and negatives (whatever the batch size).
     `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection
     that reads the sampled figures only; (a) is unchanged. A target on an unknown item
     (UNKNOWN_ITEM) is a miss at every k in (a), (b) and (c) (rank NEVER_RANKED); unknown items
@@ -348,7 +388,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     interacted = [h.items[u][:c + 1][h.items[u][:c + 1] != UNKNOWN_ITEM] for u, c in zip(users, cut)]
     negatives = torch.as_tensor(_negatives(rng, interacted, ranker.num_items, num_negatives))
     interacted = pad_sequence([torch.as_tensor(x) for x in interacted], batch_first=True)  # (U, M)
-    sampled, full, unseen = [], [], []
+    likelihoods = getattr(ranker, "target_log_likelihoods", None) if full_ranking else None
+    sampled, full, unseen, logs = [], [], [], []
 
     def missed(ranks: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         return torch.where(known[rows], ranks, NEVER_RANKED)
@@ -362,10 +403,14 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
             full.append(missed(ranker.target_ranks(batch, targets[rows]), rows))
             unseen_ranks = ranker.target_ranks(batch, targets[rows], exclude=interacted[rows])
             unseen.append(missed(unseen_ranks, rows))
+        if likelihoods is not None:
+            logs.append(likelihoods(batch, targets[rows])[known[rows]])
     out = {**rank_metrics(torch.cat(sampled), ks, prefix="sampled_"), "count": float(len(users))}
     if full_ranking:
         out.update(rank_metrics(torch.cat(full), ks, prefix="full_"))
         out.update(rank_metrics(torch.cat(unseen), ks, prefix="full_unseen_"))
+        out.update(_perplexity(torch.cat(logs) if likelihoods is not None else None,
+                               "full_perplexity"))
     return out
 
 

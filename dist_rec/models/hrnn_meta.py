@@ -212,6 +212,12 @@ class MetaScorer:
         return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.mix,
                                         exclude=exclude)
 
+    def target_log_likelihoods(self, hidden: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int = 262_144) -> torch.Tensor:
+        """hidden (N, D), targets (N,) -> (N,) float64 full-softmax log-probabilities over the
+        mixed rows; as the tables'."""
+        return self.tables.target_log_likelihoods(hidden, targets, chunk_rows, row_view=self.mix)
+
 
 def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:
     if codes.shape != shape:

@@ -170,7 +170,8 @@ def _worker(rank: int, world: int, directory: str) -> None:
             "topk": model.scorer.topk(hidden, 10, chunk_rows=7, exclude=exclude),
             "ranks": model.scorer.target_ranks(hidden, targets, chunk_rows=7),
             "ranks_excluding": model.scorer.target_ranks(hidden, targets, chunk_rows=7,
-                                                         exclude=exclude)}
+                                                         exclude=exclude),
+            "log_likelihoods": model.scorer.target_log_likelihoods(hidden, targets, chunk_rows=7)}
 
     tables = ShardedItemTables.from_full(lookup_tables())
     loss = lookup_loss(tables, *lookup_inputs(rank, world))
@@ -187,6 +188,7 @@ def _worker(rank: int, world: int, directory: str) -> None:
     results["topk_no_exclude"] = tables.topk(hidden, K_LARGE, chunk_rows=7)
     results["ranks"] = tables.target_ranks(hidden, targets, chunk_rows=7)
     results["ranks_excluding"] = tables.target_ranks(hidden, targets, chunk_rows=7, exclude=exclude)
+    results["log_likelihoods"] = tables.target_log_likelihoods(hidden, targets, chunk_rows=7)
     with torch.no_grad():  # score of item i = i % 3: a third of the catalog ties at each level
         tables.output.weight.zero_()
         tables.bias.weight.copy_(torch.tensor([[i % 3.0] for i in range(rank, NUM_ITEMS + 1, world)]))
@@ -256,6 +258,9 @@ def test_hrnn_meta_trains_and_ranks_as_unsharded(ranks, name):
         assert torch.equal(shard["ranks"], model.scorer.target_ranks(hidden, targets))
         assert torch.equal(shard["ranks_excluding"],
                            model.scorer.target_ranks(hidden, targets, exclude=exclude))
+        torch.testing.assert_close(shard["log_likelihoods"],
+                                   model.scorer.target_log_likelihoods(hidden, targets),
+                                   rtol=0, atol=1e-5)
         cold_listed |= bool((items >= 40).any())
     assert cold_listed                              # cold items, scored by their category, rank
     assert not torch.equal(model.encoder.feature_rows.weight, build_meta().encoder.feature_rows.weight)
@@ -288,7 +293,7 @@ def test_bytes_sent_counts_each_unique_id_once(ranks):
     assert [result["bytes"] for result in ranks] == expected
 
 
-def test_topk_and_target_ranks_equal_unsharded(ranks):
+def test_topk_target_ranks_and_log_likelihoods_equal_unsharded(ranks):
     tables = lookup_tables()
     for rank, result in enumerate(ranks):
         hidden, exclude, targets = queries(rank)
@@ -303,6 +308,9 @@ def test_topk_and_target_ranks_equal_unsharded(ranks):
         assert torch.equal(result["ranks"], tables.target_ranks(hidden, targets))
         assert torch.equal(result["ranks_excluding"],
                            tables.target_ranks(hidden, targets, exclude=exclude))
+        torch.testing.assert_close(result["log_likelihoods"],
+                                   tables.target_log_likelihoods(hidden, targets),
+                                   rtol=0, atol=1e-10)
     assert any(not torch.equal(result["ranks_excluding"], result["ranks"]) for result in ranks)
 
 

@@ -1,6 +1,7 @@
 """ItemTables' full-catalog ranking where rows repeat, in the tables themselves or through a row
 view (HRNN-meta's cold items of one category): bit-identical rows tie with the target and top-k
-lists them by item id, whatever the batch and the chunks."""
+lists them by item id, whatever the batch and the chunks. And the targets' full-softmax
+log-likelihoods (perplexity) against log_softmax over the whole catalog."""
 from __future__ import annotations
 
 import torch
@@ -65,3 +66,23 @@ def test_a_twin_of_the_target_row_counts_against_it_on_plain_tables():
     expected = (scores >= scores[:, :1]).sum(1) - 1               # the twin is exactly equal
     assert torch.equal(tables.target_ranks(hidden, targets), expected)
     assert torch.equal(tables.target_ranks(hidden, targets, chunk_rows=333), expected)
+
+
+def test_target_log_likelihoods_are_the_full_softmax_over_items_in_any_chunking():
+    """log p(target) over items 1..N (row 0, padding, takes no mass), through a row view too."""
+    torch.manual_seed(0)
+    tables = ItemTables(NUM_ITEMS, 7, 7)
+    with torch.no_grad():
+        tables.bias.weight.normal_()
+    hidden = torch.randn(16, 7) * 3
+    targets = torch.randint(1, NUM_ITEMS + 1, (16,))
+    for view in (None, twin_view):
+        vectors, bias = tables.output_weight()
+        if view is not None:
+            vectors, bias = view(torch.arange(NUM_ITEMS + 1), vectors, bias)
+        scores = hidden.double() @ vectors.double().T + bias.double()
+        expected = scores[:, 1:].log_softmax(1).gather(1, targets[:, None] - 1)[:, 0]
+        for chunk_rows in (262_144, 7, 1):
+            found = tables.target_log_likelihoods(hidden, targets, chunk_rows, row_view=view)
+            assert found.dtype == torch.float64
+            torch.testing.assert_close(found, expected, rtol=0, atol=1e-10)

@@ -61,6 +61,9 @@ class Successor:
         self.candidates.append(candidates)
         return self._scores(batch).gather(1, candidates)
 
+    def target_log_likelihoods(self, batch, targets):
+        return successor_scores(batch.items[:, -1]).log_softmax(1).gather(1, targets[:, None])[:, 0]
+
 
 class CausalSuccessor(Successor):
     def step_ranks(self, batch):
@@ -68,6 +71,16 @@ class CausalSuccessor(Successor):
         scores = successor_scores(batch.items)                               # (B, T, V + 1)
         ranks = (scores >= scores.gather(2, batch.targets[..., None])).sum(2) - 1
         return torch.where(batch.mask, ranks, -1)
+
+    def step_log_likelihoods(self, batch):
+        logs = successor_scores(batch.items).log_softmax(2).gather(2, batch.targets[..., None])
+        return torch.where(batch.mask, logs[..., 0], math.nan)
+
+
+def successor_perplexity(ranks: list[int]) -> float:
+    """The successor's softmax gives a target of rank r the score V - r over scores 1..V."""
+    log_partition = math.log(sum(math.exp(score) for score in range(1, V + 1)))
+    return math.exp(log_partition - np.mean([V - r for r in ranks]))
 
 
 def real_inputs(batch: SequenceBatch) -> list[list[int]]:
@@ -99,6 +112,7 @@ def test_session_last_item_by_hand():
     assert out["hr@5"] == pytest.approx(1.0)
     assert out["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
     assert out["mrr@5"] == pytest.approx((1 + 1 / 5 + 1 / 3) / 3)
+    assert out["perplexity"] == pytest.approx(successor_perplexity([0, 4, 2]))   # 3.87
     # Batches take the inputs shortest first (stable), each as wide as its longest row.
     assert [real_inputs(b) for b in ranker.batches] == [[[5], [1, 2]], [[2, 6]]]
     assert [b.items.shape[1] for b in ranker.batches] == [2, 2]
@@ -118,7 +132,8 @@ def test_session_every_position_by_hand(ranker):
     out = session_every_position(ranker, [[1, 2, 4], [0, 3, 5], [6]], ks=[1, 2], progress=False)
     # [1] -> 2: rank 0; [1,2] -> 4: rank 1; [3] -> 5: rank 1; averaged over the 3 events
     assert out == pytest.approx({"recall@1": 1 / 3, "recall@2": 1.0, "mrr@1": 1 / 3,
-                                 "mrr@2": (1 + 0.5 + 0.5) / 3, "count": 3.0})
+                                 "mrr@2": (1 + 0.5 + 0.5) / 3, "count": 3.0,
+                                 "perplexity": successor_perplexity([0, 1, 1])})
 
 
 def test_session_every_position_truncates_prefixes():
@@ -166,6 +181,7 @@ def test_leave_one_out_by_hand(now_spy):
     assert now_spy == [9, 40]
     assert out["count"] == 2
     assert out["full_hr@1"] == 0.5
+    assert out["full_perplexity"] == pytest.approx(successor_perplexity([0, 1]))
     assert out["full_ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
     candidates = ranker.candidates[0]
     assert candidates.shape == (2, 101)
@@ -223,6 +239,8 @@ def test_leave_one_out_unknown_items_are_misses_never_inputs():
                  "full_unseen_hr@6", "full_unseen_ndcg@1000000"):
         assert out[name] == pytest.approx(1 / 3), name
     assert set(ranker.candidates[0][2, 1:].tolist()) <= {4, 5, 6}
+    # An unknown target has no probability: perplexity is over the one known target.
+    assert out["full_perplexity"] == pytest.approx(successor_perplexity([0]))
 
 
 def test_tdm_unknown_items_count_in_the_ground_truth_and_never_hit():
@@ -453,7 +471,26 @@ def test_model_ranker_matches_brute_force():
     candidates = torch.tensor([[4, 1], [2, 2], [6, 5]])
     assert torch.allclose(ranker.candidate_scores(batch, candidates),
                           scores.gather(1, candidates - 1), atol=1e-5)
+    log_likelihoods = ranker.target_log_likelihoods(batch, targets)
+    assert log_likelihoods.dtype == torch.float64
+    torch.testing.assert_close(log_likelihoods, scores.double().log_softmax(1)
+                               .gather(1, targets[:, None] - 1)[:, 0], rtol=0, atol=1e-5)
     assert model.training                                     # mode restored after evaluation
+
+
+def test_perplexity_of_a_uniform_model_is_the_catalog_size():
+    """Equal scores for every item: each target has probability 1/V, whatever the protocol."""
+    model = toy_model()
+    with torch.no_grad():
+        model.tables.output.weight.zero_()
+        model.tables.bias.weight.zero_()
+    sessions = [[1, 2, 4, 3], [5, 6], [2, 2, 2, 6, 1]]
+    ranker = ModelRanker(model)
+    assert session_last_item(ranker, sessions, progress=False)["perplexity"] == pytest.approx(V)
+    assert session_every_position(ranker, sessions, progress=False)["perplexity"] == \
+        pytest.approx(V)
+    assert user_leave_one_out(ranker, sessions, progress=False)["full_perplexity"] == \
+        pytest.approx(V)
 
 
 def test_model_ranker_ties_count_against_target():
@@ -480,11 +517,16 @@ def test_model_ranker_one_pass_equals_prefixes():
     class PrefixOnly(ModelRanker):
         step_ranks = None
     by_prefix = session_every_position(PrefixOnly(model), sessions, ks=[1, 2, 3], progress=False)
-    assert one_pass == by_prefix
-    ranks = [((s := brute_scores(model, [x[:t]])[0, 1:]) >= s[x[t] - 1]).sum().item() - 1
-             for x in sessions for t in range(1, len(x))]
+    assert one_pass == pytest.approx(by_prefix, rel=1e-6)    # perplexity: float rounding apart
+    assert {k: v for k, v in one_pass.items() if k != "perplexity"} == \
+        {k: v for k, v in by_prefix.items() if k != "perplexity"}
+    scores = [brute_scores(model, [x[:t]])[0, 1:].double() for x in sessions for t in range(1, len(x))]
+    targets = [x[t] - 1 for x in sessions for t in range(1, len(x))]
+    ranks = [(s >= s[t]).sum().item() - 1 for s, t in zip(scores, targets)]
     assert one_pass["count"] == 8
     assert one_pass["recall@2"] == pytest.approx(np.mean(np.array(ranks) < 2))
+    log_likelihoods = [s.log_softmax(0)[t].item() for s, t in zip(scores, targets)]
+    assert one_pass["perplexity"] == pytest.approx(math.exp(-np.mean(log_likelihoods)), rel=1e-5)
 
 
 class NextItemIdAsValue(nn.Module):
