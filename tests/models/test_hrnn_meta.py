@@ -168,24 +168,40 @@ def test_bad_feature_tables_are_named():
 
 
 def test_gradients_float64():
-    model = build(ALL_INPUTS).double().train()
-    batch = random_batch(2, 4, seed=2)
+    """gradcheck over every trainable parameter, the item tables' included, with every optional
+    input on (item, user and context features, value feedback, value head): the ranking term
+    through eq. 2's mixed rows plus the value head's loss. Every parameter's gradient is also
+    nonzero, so none passes by never being reached."""
+    dims = Dimensions(num_items=6, num_users=3, num_delta_buckets=8, num_event_types=4,
+                      item_feature_sizes=(3, 2), user_feature_sizes=(4,), num_contexts=3)
+    model = build({**ALL_INPUTS, "feature_dim": 2}, dims, embedding_dim=3, hidden_dim=3,
+                  delta_embedding_dim=2, type_embedding_dim=2).double().train()
+    # No missing (0) user code: a padding row is read but gets no gradient, by design.
+    model.encoder.set_user_features(torch.tensor([[0], [2], [4], [1]]))
+    for table in (model.tables.input, model.tables.output, model.tables.bias):
+        table.sparse = False                              # gradcheck needs dense gradients
+    batch = batch_of(torch.tensor([[0, 1, 2, 3, 4], [5, 6, 1, 2, 3]]), torch.tensor([1, 3]), seed=2)
+    batch.targets = batch.targets * (batch.items > 0)
     batch.values, batch.target_values = batch.values.double(), batch.target_values.double()
-    encoder = model.encoder
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    for part in ("tables.output", "item_fields", "user_fields", "context_embedding", "decoder_fields",
+                 "feature_rows", "value_head", "gru"):
+        assert any(part in name for name in names), part
 
     def loss(*flat):
         torch.manual_seed(0)                              # the same lambda every call
-        with torch.nn.utils.stateless._reparametrize_module(
-                encoder, dict(zip([n for n, p in encoder.named_parameters() if p.requires_grad], flat))):
+        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, flat))):
             hidden = model.hidden(batch)
             mask = batch.mask
             vectors, bias = model.scorer.output_rows(batch.targets[mask])
             ranking = ((hidden[mask] * vectors).sum(-1) + bias).sum()
             return ranking + model.auxiliary_loss(batch, hidden[mask])
 
-    small = [p.detach().clone().requires_grad_() for p in params[:6]] + [p.detach() for p in params[6:]]
-    assert torch.autograd.gradcheck(loss, tuple(small), eps=1e-6, atol=1e-5)
+    inputs = tuple(p.detach().clone().requires_grad_() for p in params)
+    grads = torch.autograd.grad(loss(*inputs), inputs, allow_unused=True, materialize_grads=True)
+    assert 0 < model.encoder.train_lambda.item() < 1      # both views of eq. 2 are in the loss
+    assert all(grad.abs().sum() > 0 for grad in grads), [n for n, g in zip(names, grads) if not g.any()]
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5)
 
 
 # ----- toy worlds -----

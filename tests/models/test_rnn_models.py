@@ -1,5 +1,5 @@
-"""GRU4Rec and the user-based GRU: shapes, causality, resets, the paper's equations, gradients,
-and learning planted patterns on toy worlds."""
+"""GRU4Rec, the user-based GRU and HRNN: shapes, causality, resets, the paper's equations,
+gradients, and learning planted patterns on toy worlds."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ USER_GRUS = [{"integration": "linear"}, {"integration": "rectified"},
              {"integration": "rectified", "rectified_temperature": 0.1},
              {"integration": "attentional"}]
 MODELS = [("gru4rec", {}), ("gru4rec", {"reset_on_session_start": False})] + [
-    ("user_gru", options) for options in USER_GRUS]
+    ("user_gru", options) for options in USER_GRUS] + [("hrnn", {})]
 
 
 
@@ -70,9 +70,10 @@ def test_shapes_causality_and_padding(name, options):
     assert (other[:, t] - hidden[:, t]).abs().amax(-1).min() > 1e-4
 
     # Left padding does not change the hidden of real steps: the state restarts after padding.
-    padded_items = torch.cat([torch.zeros(4, 3, dtype=torch.int64), batch.items], dim=1)
-    padded = make_batch(padded_items, batch.users,
-                        torch.cat([torch.zeros(4, 3, dtype=torch.bool), batch.session_starts], 1))
+    # Every per-step field is padded (the same deltas and types on the real steps: HRNN reads them).
+    padded = SequenceBatch(**{name: torch.cat([torch.zeros(4, 3, dtype=value.dtype), value], 1)
+                              if value.dim() == 2 else value
+                              for name, value in batch.__dict__.items() if value is not None})
     hidden_padded = model.hidden(padded)
     torch.testing.assert_close(hidden_padded[:, 3:], hidden, rtol=0, atol=1e-6)
     # Padding steps output zeros, so a row with no real step (a user whose every event is on an
@@ -106,6 +107,38 @@ def test_gru4rec_without_resets_is_a_stacked_gru():
     batch = random_batch(3, 7, seed=2)
     expected, _ = reference(model.tables.embed(batch.items))
     torch.testing.assert_close(model.hidden(batch), expected, rtol=0, atol=1e-6)
+
+
+def test_hrnn_is_one_gru_over_item_delta_session_and_type_inputs():
+    """HRNN's sec. 2.2 by hand: x_t = [e(a_t); d(delta_t); s_t; f(type_t)] read by one GRU from
+    h0 = 0 over each row's real steps (no reset at a session start: s_t is an input). The delta
+    and the session bit of step t change step t and leave every earlier step bit-identical."""
+    model = build("hrnn", {}, delta_embedding_dim=3, type_embedding_dim=2)
+    encoder = model.encoder
+    items = torch.randint(1, DIMS.num_items + 1, (3, 6), generator=torch.Generator().manual_seed(6))
+    items[1, :2] = 0
+    items[2, :4] = 0
+    batch = make_batch(items, torch.tensor([1, 2, 3]), seed=6)
+    batch.session_starts[0, 3] = True                    # a second session inside row 0
+    hidden = model.hidden(batch)
+    for row in range(3):
+        real = items[row] > 0
+        x = torch.cat([model.tables.embed(items[row, real]),
+                       encoder.delta_embedding(batch.deltas[row, real]),
+                       batch.session_starts[row, real].float().unsqueeze(-1),
+                       encoder.type_embedding(batch.event_types[row, real])], dim=-1)
+        expected, _ = encoder.gru(x.unsqueeze(0))
+        torch.testing.assert_close(hidden[row, real], expected[0], rtol=0, atol=1e-6)
+        assert torch.equal(hidden[row, ~real], torch.zeros(int((~real).sum()), 10))
+
+    t = 4                                                # real in every row
+    for name in ("deltas", "session_starts"):
+        changed = SequenceBatch(**{**batch.__dict__, name: getattr(batch, name).clone()})
+        column = getattr(changed, name)[:, t]
+        column.copy_(~column if name == "session_starts" else column % 7 + 1)
+        other = model.hidden(changed)
+        assert torch.equal(other[:, :t], hidden[:, :t]), name
+        assert (other[:, t] - hidden[:, t]).abs().amax(-1).min() > 1e-4, name
 
 
 @pytest.mark.parametrize("options", USER_GRUS)
@@ -204,19 +237,26 @@ def test_user_gru_follows_the_paper_equations(integration):
 
 @pytest.mark.parametrize("name,options", MODELS)
 def test_gradients(name, options):
-    dims = Dimensions(num_items=5, num_users=3, num_delta_buckets=4, num_event_types=2)
+    """gradcheck w.r.t. the item vectors and every encoder parameter, on a batch with left
+    padding, a session start inside a row, and (read by HRNN) time deltas and event types."""
+    dims = Dimensions(num_items=5, num_users=3, num_delta_buckets=8, num_event_types=4)
     torch.manual_seed(5)
     config = ModelConfig(name=name, embedding_dim=3, hidden_dim=3, options=options,
-                         num_layers=2 if name == "gru4rec" else 1)
+                         num_layers=2 if name == "gru4rec" else 1,
+                         delta_embedding_dim=2, type_embedding_dim=2)
     encoder = build_model(config, dims).encoder.double()
     batch = make_batch(torch.tensor([[0, 1, 2, 3], [4, 5, 1, 2]]), torch.tensor([2, 3]))
     batch.session_starts[1, 2] = True
     names = [n for n, _ in encoder.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in encoder.parameters()]
     vectors = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    padding = (batch.items == 0).unsqueeze(-1)
 
     def run(vectors, *params):
-        return functional_call(encoder, dict(zip(names, params)), (batch, vectors))
+        # Padding steps zeroed as NextItemModel.hidden does: HRNN runs them after the real steps
+        # on its padding rows (delta and type 0), which by design get no gradient.
+        hidden = functional_call(encoder, dict(zip(names, params)), (batch, vectors))
+        return hidden.masked_fill(padding, 0.0)
 
     assert torch.autograd.gradcheck(run, (vectors, *params), eps=1e-6, atol=1e-6)
 

@@ -118,6 +118,94 @@ def test_gradcheck_float64(case):
                                     fast_mode=True)
 
 
+def caser_by_hand(encoder, vectors: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+    """Caser's hidden state for one step from the paper's equations, one filter at a time.
+
+    vectors (L, E): the item vectors of the last L steps, oldest first (zeros before the history);
+    user (U,): p_u. Horizontal filter F (h x E), h = 1..L: c_i = ReLU(<E[i:i+h], F> + b),
+    o = max_i c_i. Vertical filter G (L x 1): o' = sum_l G_l E[l] + b (E values).
+    z = ReLU(W [o; o'] + b_z), hidden = [z; p_u]. The two conv biases b are not in the paper's
+    equations but in the authors' code (caser_pytorch's nn.Conv2d, as here); W's columns are
+    stored [o' | o], the authors' order.
+    """
+    L, E = vectors.shape
+    o = []
+    for height, conv in zip(range(1, L + 1), encoder.horizontal):
+        for j in range(conv.out_channels):
+            F_j = conv.weight[j].T                                         # (h, E)
+            c = [torch.relu((vectors[i:i + height] * F_j).sum() + conv.bias[j])
+                 for i in range(L - height + 1)]
+            o.append(torch.stack(c).max())
+    G, g = encoder.vertical.weight, encoder.vertical.bias                  # (d', L), (d',)
+    o_prime = torch.cat([sum(G[k, l] * vectors[l] for l in range(L)) + g[k] for k in range(len(G))])
+    W = encoder.fc.weight
+    W_vertical, W_horizontal = W[:, :len(o_prime)], W[:, len(o_prime):]
+    z = torch.relu(W_horizontal @ torch.stack(o) + W_vertical @ o_prime + encoder.fc.bias)
+    return torch.cat([z, user])
+
+
+def build_caser(user_dim: int, hidden_dim: int = 7, dropout: float = 0.0):
+    torch.manual_seed(0)
+    options = {"window": 3, "vertical_filters": 2, "horizontal_filters": 3, "user_dim": user_dim}
+    config = ModelConfig(name="caser", embedding_dim=4, hidden_dim=hidden_dim, dropout=dropout,
+                         tied_embeddings=False, options=options)
+    return build_model(config, DIMS).eval()
+
+
+def test_caser_matches_the_paper_by_hand():
+    """Every step's hidden state (L = 3, d = 3, d' = 2, E = 4, z 5 + p_u 2) equals the paper's
+    convolutions, pooling, FC layer and [z; p_u] recomputed from the module's weights; dropout
+    (0.5) is off in eval mode. Rows are left-padded so early windows hold zero rows."""
+    model = build_caser(user_dim=2, dropout=0.5)
+    encoder = model.encoder
+    items = random_items(3, 5, [5, 3, 1], seed=9)
+    batch = make_batch(items, torch.tensor([4, 0, 9]))
+    with torch.no_grad():
+        hidden = model.hidden(batch)
+        vectors = F.pad(model.tables.embed(items), (0, 0, 2, 0))           # L - 1 zero rows first
+        users = encoder.users.weight[batch.users]
+        expected = torch.zeros(3, 5, 7)
+        for b, t in (items > 0).nonzero().tolist():
+            expected[b, t] = caser_by_hand(encoder, vectors[b, t:t + 3], users[b])
+        # The data exercises what the equations say: some horizontal responses are clipped by the
+        # ReLU, some z units are zero, and the user with id 0 (unknown) reads p_u = 0.
+        responses = torch.cat([conv(vectors.transpose(1, 2)).flatten() for conv in encoder.horizontal])
+        assert (responses < 0).any() and (responses > 0).any()
+        assert (expected[..., :5] == 0).any() and (expected[..., :5] > 0).any()
+        assert torch.equal(expected[1, :, 5:], torch.zeros(5, 2))
+    torch.testing.assert_close(hidden, expected)
+    # In training mode the dropout before the FC layer acts.
+    torch.manual_seed(1)
+    assert not torch.allclose(model.train().hidden(batch)[items > 0], hidden[items > 0], atol=1e-3)
+
+
+def test_caser_user_vector_enters_the_output():
+    """Changing only the user id changes every real step (z unchanged, p_u appended last); with
+    user_dim 0 the hidden state is z alone and the user id is not read."""
+    model = build_caser(user_dim=2)
+    items = random_items(1, 5, [4], seed=10).expand(3, -1)
+    with torch.no_grad():
+        hidden = model.hidden(make_batch(items, torch.tensor([1, 2, 1])))
+    real = items[0] > 0
+    assert torch.equal(hidden[0], hidden[2])
+    assert torch.equal(hidden[0, :, :5], hidden[1, :, :5])                 # z does not see the user
+    assert (hidden[0, real] - hidden[1, real]).abs().amax(-1).min() > 1e-3
+    users = model.encoder.users.weight
+    assert torch.equal(hidden[:, real, 5:], users[[1, 2, 1]].unsqueeze(1).expand(-1, 4, -1))
+
+    no_user = build_caser(user_dim=0)
+    assert sum(p.numel() for p in no_user.encoder.users.parameters()) == 0
+    with torch.no_grad():
+        first = no_user.hidden(make_batch(items[:1], torch.tensor([1])))
+        for user in (0, 2, 10):
+            assert torch.equal(no_user.hidden(make_batch(items[:1], torch.tensor([user]))), first)
+    assert first.shape == (1, 5, 7)
+    vectors = F.pad(no_user.tables.embed(items[:1]), (0, 0, 2, 0))[0]
+    with torch.no_grad():
+        expected = caser_by_hand(no_user.encoder, vectors[-3:], torch.zeros(0))
+    torch.testing.assert_close(first[0, -1], expected)
+
+
 def reference_conv(h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Loop version: h (B, T, C), weights (B, T, H, K) -> out[b, t, c] =
     sum_k weights[b, t, c // (C / H), k] * h[b, t - K + 1 + k, c], zero before step 0."""
