@@ -84,7 +84,8 @@ TABLES = (
      (("sampled HR@10", "test", "sampled_hr@10"), ("sampled NDCG@10", "test", "sampled_ndcg@10"),
       ("full HR@10", "test", "full_hr@10"), ("full NDCG@10", "test", "full_ndcg@10"),
       ("full HR@20", "test", "full_hr@20"),
-      ("full HR@20, unseen items", "test", "full_unseen_hr@20")), "published sampled HR@10 / NDCG@10",
+      ("full HR@20, unseen items", "test", "full_unseen_hr@20"),
+      ("full perplexity", "test", "full_perplexity")), "published sampled HR@10 / NDCG@10",
      {"mostpop": ("popularity (≈)", (0.47, 0.28)), "sasrec": ("SASRec", (0.7410, 0.5360)),
       "convrec": ("ConvRec", (0.7361, 0.5379))}),
 )

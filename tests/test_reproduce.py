@@ -152,16 +152,17 @@ def test_tables_show_mean_and_sample_sd_over_seeds():
     records = [{**base, "seed": seed, "test": {**figures, "sampled_hr@10": hr}}
                for seed, hr in enumerate((0.5, 0.7))]
     text = reproduce.render_tables(records)
-    # mean 0.6, sample sd = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; the unseen-items figure was
-    # not recorded: a dash
+    # mean 0.6, sample sd = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; the unseen-items figure and
+    # the perplexity were not recorded: dashes
     assert ("| sasrec | full_softmax | 2 | 0.6000 ± 0.1414 | 0.5000 ± 0.0000 | 0.1000 ± 0.0000 | "
-            "0.0500 ± 0.0000 | 0.2000 ± 0.0000 | — | SASRec | 0.7410 / 0.5360 | 4(3)/4(3) | 10 |") in text
+            "0.0500 ± 0.0000 | 0.2000 ± 0.0000 | — | — | SASRec | 0.7410 / 0.5360 | 4(3)/4(3) | 10 |"
+            ) in text
     # A rerun of the same command replaces seed 1's record, unseen-items figure included.
     rerun = {**base, "seed": 1, "test": {**figures, "sampled_hr@10": 0.9, "full_unseen_hr@20": 0.3}}
     text = reproduce.render_tables(records[:1] + [rerun])
     assert "| sasrec | full_softmax | 2 | 0.7000 ± 0.2828 |" in text
     text = reproduce.render_tables(records + [{**rerun, "seed": 0}, rerun])
-    assert "| 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | SASRec |" in text
+    assert "| 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | — | SASRec |" in text
     # Seeds 2-3 of the same setting, run by another command, join the row; its seed 1 supersedes.
     more = [{**base, "seed": seed, "command": "cmd --first-seed 1 --seeds 3",
              "test": {**figures, "sampled_hr@10": hr}} for seed, hr in ((1, 0.6), (2, 0.8), (3, 0.9))]
