@@ -280,16 +280,21 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
 def _sigterm_exits() -> Iterator[None]:
     """SIGTERM (`ray job stop`, a scheduler's timeout, `kill`) ends the job through its cleanup,
     as Ctrl-C does: the run's lease is released, so the next job need not wait for it to go
-    stale. Python's default would end the process on the spot. (Ray's driver installs the same
-    handler once connected; this covers the time before, and `prepare`, which runs no Ray.)"""
+    stale. Python's default would end the process on the spot. Exit status 143; ray.init puts
+    in its own handler, which does the same with status 15, so a job stopped while connected to
+    Ray exits with 15. This covers the time before Ray, and `prepare`, which runs no Ray."""
     if threading.current_thread() is not threading.main_thread():
         yield                 # signal handlers can only be set from the main thread
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    def exit_on_sigterm(signum, frame):
+        sys.exit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is exit_on_sigterm:   # not if Ray replaced it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -192,8 +192,11 @@ def _read(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
         fs.invalidate_cache(posixpath.dirname(path))
         raw = fs.cat_file(path)
         try:
-            return json.loads(raw)
+            record = json.loads(raw)
         except ValueError:
-            return {"job": "(an unreadable lease.json)", "renewed": fs.modified(path).timestamp()}
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("renewed"), (int, float)):
+            return record
+        return {"job": "(an unreadable lease.json)", "renewed": fs.modified(path).timestamp()}
     except FileNotFoundError:
         return None

@@ -122,9 +122,9 @@ class ItemTables(nn.Module):
                                ) -> torch.Tensor:
         """Each target's log-probability under the full softmax over the catalog (for perplexity).
 
-        hidden (N, D), targets (N,) -> (N,) float64 = score_target - logsumexp_j score_j over items
-        1..N, in float64 (a float32 logsumexp over millions of items loses the digits that tell
-        two models apart). `row_view` changes the rows scored (see RowView)."""
+        hidden (Q, D), targets (Q,) -> (Q,) float64 = score_target - logsumexp_j score_j over the
+        items j = 1..num_items, in float64 (a float32 logsumexp over millions of items loses the
+        digits that tell two models apart). `row_view` changes the rows scored (see RowView)."""
         weight, bias = self.output_weight()
         target_weight, target_bias = weight[targets], bias[targets]
         if row_view is not None:

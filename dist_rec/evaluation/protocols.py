@@ -43,7 +43,9 @@ class Ranker(Protocol):
     `batch.targets` at every position of `batch.mask` (-1 elsewhere), from one pass. Optional, for
     rankers with a softmax over the catalog (perplexity): `target_log_likelihoods(batch, targets)
     -> (B,)` float64 and, beside `step_ranks`, `step_log_likelihoods(batch) -> (B, T)` (NaN off
-    the mask): the targets' log-probabilities.
+    the mask): the targets' log-probabilities. ModelRanker reads the scores as softmax logits,
+    which is what the full and the log-Q-corrected sampled softmax train; a model trained with
+    BCE or BPR-max scores on another scale, and its perplexity is no likelihood of its own.
     """
 
     num_items: int  # dense ids 1..num_items
@@ -129,7 +131,8 @@ class ModelRanker:
 
     def _every_step(self, batch, measure, fill, dtype) -> torch.Tensor:
         """`measure(hidden, targets)` of the scorer at every position of `batch.mask`, in calls of
-        rows_per_call positions -> (B, T) of `dtype`, `fill` off the mask."""
+        rows_per_call positions -> (B, T) of `dtype`, `fill` off the mask. One process: on
+        sharded tables the ranks would make different numbers of collective calls."""
         with _inference(self.model):
             batch = batch.to(self.device)
             mask = batch.mask
@@ -187,12 +190,13 @@ def _sessions(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _session_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max_length,
-                     data_config, batch_size, progress, desc
+                     data_config, batch_size, progress, desc, perplexity: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The targets' full-catalog ranks (N,) and, if the ranker gives them, log-likelihoods (N,)."""
+    """The targets' full-catalog ranks (N,) and, if asked and the ranker gives them,
+    log-likelihoods (N,)."""
     now = np.zeros(len(inputs), np.int64)  # sessions carry no time: every delta is bucket(0)
     targets = torch.as_tensor(targets, dtype=torch.int64)
-    likelihoods = getattr(ranker, "target_log_likelihoods", None)
+    likelihoods = getattr(ranker, "target_log_likelihoods", None) if perplexity else None
     ranks, logs = [], []
     for rows, batch in _batches(inputs, now, max_length, data_config, batch_size, progress, desc):
         ranks.append(ranker.target_ranks(batch, targets[rows]))
@@ -210,8 +214,8 @@ def _perplexity(log_likelihoods: torch.Tensor | None, name: str = "perplexity") 
 
 def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequence[int] = (10, 20),
                       max_length: int = 30, batch_size: int = 256,
-                      data_config: DataConfig | None = None, progress: bool = True
-                      ) -> dict[str, float]:
+                      data_config: DataConfig | None = None, progress: bool = True,
+                      perplexity: bool = True) -> dict[str, float]:
     """Last item of each session, full ranking (DynamicRec, CIKM 2020).
 
     Rules: per session with 2+ items, input = all items but the last, keeping the last
@@ -220,13 +224,14 @@ def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequen
     items seen in the session are NOT excluded, ties count against the target. Sessions carry no
     time: timestamps and `now` are 0, event types 1. Returns hr@k, ndcg@k (1/log2(rank+2)),
     mrr@k for every k, averaged over sessions, and count; and perplexity, exp(-mean log p(target))
-    under the softmax over all items, for a ranker that has one (`target_log_likelihoods`).
+    under the softmax over all items, for a ranker that has one (`target_log_likelihoods`;
+    `perplexity=False` skips that second pass over the catalog, e.g. for model selection).
     """
     kept = _sessions(sessions)
     inputs = Histories.from_items([s[:-1] for s in kept])
     ranks, logs = _session_targets(ranker, inputs, np.array([s[-1] for s in kept], np.int64),
                                    max_length, data_config or DataConfig(), batch_size, progress,
-                                   "session last item")
+                                   "session last item", perplexity)
     return {**rank_metrics(ranks, ks), **_perplexity(logs), "count": float(len(ranks))}
 
 
@@ -364,9 +369,10 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     recommender would filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count; with (b), full_perplexity, exp(-mean log p(target)) under the softmax over
-    all items, over the targets on known items, for a ranker that has one. Same seed, same users and negatives (whatever the batch size).
-    `full_ranking=False` skips (b) and (c), two passes over the catalog, for a model selection
-    that reads the sampled figures only; (a) is unchanged. A target on an unknown item
+    all items, over the targets on known items, for a ranker that has one. Same seed, same users
+    and negatives (whatever the batch size).
+    `full_ranking=False` skips (b), (c) and the perplexity, passes over the catalog, for a model
+    selection that reads the sampled figures only; (a) is unchanged. A target on an unknown item
     (UNKNOWN_ITEM) is a miss at every k in (a), (b) and (c) (rank NEVER_RANKED); unknown items
     are never inputs or negatives.
     """

@@ -48,8 +48,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def check_fits(config: JobConfig, resources: dict[str, float], can_grow: bool = False) -> None:
     """Refuse a job that a Ray which cannot grow (the local one) could never place: Ray Train
     would wait for the GPUs without end, and workers holding every CPU starve the data stream.
-    On a cluster (`can_grow`) the same shortfall is a warning: an autoscaler may add nodes, and
-    without one the job waits for ever."""
+    On a cluster (`can_grow`) the same shortfall is said (INFO: it is the normal start on an
+    autoscaling cluster with no worker nodes yet, cluster/aws-gpu.yaml); without an autoscaler
+    the job waits for ever, and this line tells why."""
     workers, cpus = config.train.num_workers, config.train.cpus_per_worker
     ray_name = "the cluster" if can_grow else "the local Ray"
     shortfalls = []           # (what is missing, what to do about it on a local Ray)
@@ -65,8 +66,8 @@ def check_fits(config: JobConfig, resources: dict[str, float], can_grow: bool = 
                            "give fewer --workers (or less train.cpus_per_worker), or join a "
                            "cluster (--ray-address)"))
     if shortfalls and can_grow:
-        logger.warning("%s now: the job waits until the cluster grows (an autoscaler adds "
-                       "nodes), and without end if it cannot", "; ".join(w for w, _ in shortfalls))
+        logger.info("%s now: the job waits until the cluster grows (an autoscaler adds nodes), "
+                    "and without end if it cannot", "; ".join(w for w, _ in shortfalls))
     elif shortfalls:
         raise ValueError(": ".join(shortfalls[0]))
 

@@ -103,21 +103,22 @@ def write_lease(storage: StorageConfig, record: dict) -> None:
     fs.pipe_file(f"{root}/run/{LEASE}", json.dumps(record).encode())
 
 
-
 def test_an_unreadable_lease_goes_stale_from_when_it_was_written(storage, caplog):
-    """A lease.json edited by hand is not JSON: it holds the run as fresh, then is taken over
-    once its file is older than stale_seconds (not held for ever)."""
+    """A lease.json edited by hand (not JSON, or not a record with a time): it holds the run as
+    fresh, then is taken over once its file is older than stale_seconds (not held for ever)."""
     from dist_rec.checkpoint.store import filesystem
     fs, root = filesystem(storage)
     fs.makedirs(f"{root}/run", exist_ok=True)
-    fs.pipe_file(f"{root}/run/{LEASE}", b"{ half a record")
-    with pytest.raises(RunBusy, match=r"held by job \(an unreadable lease.json\)"):
-        with held(storage, "run", stale_seconds=60):
-            pass
+    for text in (b"null", b"[]", b'{"job": "x", "renewed": "soon"}', b"{ half a record"):
+        fs.pipe_file(f"{root}/run/{LEASE}", text)
+        with pytest.raises(RunBusy, match=r"held by job \(an unreadable lease.json\)"):
+            with held(storage, "run", stale_seconds=60):
+                pass
     time.sleep(2.5)                               # S3's LastModified has whole seconds
     with caplog.at_level(logging.WARNING), held(storage, "run", stale_seconds=2) as me:
         assert lease_of(storage)["job"] == me["job"]
     assert "taking over the lease of job (an unreadable lease.json)" in caplog.text
+
 
 def test_of_two_jobs_taking_over_one_stale_lease_one_wins(storage, monkeypatch):
     """B read the stale record before A took it over: B must not delete A's new lease."""
@@ -190,8 +191,12 @@ def test_a_job_stopped_with_sigterm_releases_its_lease(tmp_path):
     so its rerun need not wait for the lease to go stale (here `prepare`, which runs no Ray)."""
     job = subprocess.Popen([sys.executable, "-c", STOPPED_WHILE_PREPARING, str(tmp_path / "runs"),
                             str(tmp_path / "data")], stdout=subprocess.PIPE, text=True)
-    assert job.stdout.readline() == "preparing\n"
-    assert (tmp_path / "runs" / "smoke" / LEASE).exists()
-    job.terminate()
-    assert job.wait(timeout=30) == 128 + 15
+    try:
+        assert job.stdout.readline() == "preparing\n"
+        assert (tmp_path / "runs" / "smoke" / LEASE).exists()
+        job.terminate()
+        assert job.wait(timeout=30) == 128 + 15
+    finally:
+        job.kill()
+        job.wait()
     assert list((tmp_path / "runs").iterdir()) == []      # lease and the run it made: gone

@@ -113,6 +113,9 @@ def test_session_last_item_by_hand():
     assert out["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
     assert out["mrr@5"] == pytest.approx((1 + 1 / 5 + 1 / 3) / 3)
     assert out["perplexity"] == pytest.approx(successor_perplexity([0, 4, 2]))   # 3.87
+    selection = session_last_item(Successor(), sessions, ks=[1, 3, 5], progress=False,
+                                  perplexity=False)
+    assert selection == {k: v for k, v in out.items() if k != "perplexity"}
     # Batches take the inputs shortest first (stable), each as wide as its longest row.
     assert [real_inputs(b) for b in ranker.batches] == [[[5], [1, 2]], [[2, 6]]]
     assert [b.items.shape[1] for b in ranker.batches] == [2, 2]
