@@ -6,19 +6,24 @@ Layout of a prepared directory (local or s3://):
                               ids in test_histories continue its user ids and are not in it)
     item_counts.npy           (num_items + 1,) training events per dense item id ([0] = padding = 0)
     item_features.npy         (num_items + 1, F) code per item of category_id (when the events
-                              have it) and each DataConfig.item_feature_columns (its newest
-                              event's; 1..n, 0 = none): HRNN-meta's item features
+                              have it) and each DataConfig.item_feature_columns (the catalog's
+                              value, else its newest event's; 1..n, 0 = none): HRNN-meta's item
+                              features
     user_features.npy         (num_users + 1, G) code per user of each DataConfig.user_feature_columns
                               (its newest event's), only when there are such columns
     feature_codes.json        raw value -> code of the item, context and user fields
                               (features.EventFields), so serving codes raw values as training did
     windows/part-*.parquet    training windows (sequences.build_windows), streamed by Ray Data
     test_histories.parquet    the held-out users' full histories (sequences.build_histories)
+    catalog_quarantine.csv    the item catalog's bad rows (with DataConfig.item_catalog_uri)
 
 Test users (the TDM protocol: users with 10+ events, drawn at random) are held out of training
 entirely; the vocabulary and the item counts come from the training users only, so an item that
 only a test user touched is unknown: its events stay in the test histories as
-vocab.UNKNOWN_ITEM, a miss for every model alike, never an untrained row.
+vocab.UNKNOWN_ITEM, a miss for every model alike, never an untrained row. With an item catalog
+(DataConfig.item_catalog_uri), its items without a training event join the vocabulary after the
+others, as cold items (count 0, attributes from the catalog): a test user's event on one keeps
+its id, which HRNN-meta can rank from the item's attributes and other models leave out.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dist_rec.config import DataConfig
 from dist_rec.data.features import EventFields, FieldCodes, newest_codes
-from dist_rec.data.readers import parquet_columns, read_events, read_user_behavior
+from dist_rec.data.readers import (parquet_columns, read_events, read_item_catalog,
+                                   read_user_behavior)
 from dist_rec.data.sequences import build_histories, build_windows, write_window_shards
 from dist_rec.data.vocab import Vocabulary
 from dist_rec.models.base import Dimensions
@@ -80,6 +86,13 @@ class PreparedData:
                             meta["num_windows"], meta["num_train_events"], storage_options or {},
                             array("item_features.npy", bool(dims.item_feature_sizes)),
                             array("user_features.npy", bool(dims.user_feature_sizes)))
+
+    @property
+    def cold_items(self) -> np.ndarray:
+        """(num_items + 1,) bool: items without a training event (from the catalog); row 0 False."""
+        cold = self.item_counts == 0
+        cold[0] = False
+        return cold
 
     def test_histories(self) -> pa.Table:
         fs, root = filesystem(self.uri, self.storage_options)
@@ -183,10 +196,16 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
     held_out = pc.is_in(events["user_id"], _draw_test_users(events, test_users, seed))
     train_events, test_events = events.filter(pc.invert(held_out)), events.filter(held_out)
 
-    vocab = Vocabulary.from_config(train_events, config)
-    test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
     fields = EventFields.fit(train_events, config.context_column, config.user_feature_columns,
                              config.item_feature_columns)
+    catalog = (read_item_catalog(config.item_catalog_uri, [f.column for f in fields.items],
+                                 config, storage_options,
+                                 posixpath.join(out_uri, "catalog_quarantine.csv"))[0]
+               if config.item_catalog_uri else None)
+    vocab = Vocabulary.from_config(train_events, config)
+    if catalog is not None:   # after the items with events: their ids do not depend on it
+        vocab = vocab.admit_items(catalog["item_id"])
+    test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
     contexts = fields.context
 
     def context_codes(table: pa.Table) -> np.ndarray | None:
@@ -197,20 +216,24 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
     test = build_histories(test_events, test_vocab, config, context_codes(test_events),
                            keep_unknown_items=True)
     windows = build_windows(train, config)
-    logger.info("prepared %d training users, %d windows, %d test users, %d items",
-                train.num_rows, windows.num_rows, test.num_rows, vocab.num_items)
+    counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
+    counts[0] = 0
+    logger.info("prepared %d training users, %d windows, %d test users, %d items (%d cold: "
+                "without a training event)", train.num_rows, windows.num_rows,
+                test.num_rows, vocab.num_items, np.count_nonzero(counts[1:] == 0))
 
     write_window_shards(windows, posixpath.join(out_uri, "windows"), config.rows_per_shard,
                         storage_options)
     with fs.open(posixpath.join(root, "test_histories.parquet"), "wb") as f:
         pq.write_table(test, f)
-    counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
-    counts[0] = 0
     _save_array(fs, posixpath.join(root, "item_counts.npy"), counts.astype(np.int64))
     if fields.items:   # from the training events: a test user's events never reach the model
-        _save_array(fs, posixpath.join(root, "item_features.npy"),
-                    entity_features(train_events, "item_id", vocab.items.encode, vocab.num_items,
-                                    fields.items))
+        item_features = entity_features(train_events, "item_id", vocab.items.encode,
+                                        vocab.num_items, fields.items)
+        if catalog is not None:   # the catalog's known values win: they are the current ones
+            listed = catalog_features(catalog, vocab.items.encode, vocab.num_items, fields.items)
+            item_features = np.where(listed > 0, listed, item_features)
+        _save_array(fs, posixpath.join(root, "item_features.npy"), item_features)
     if fields.users:   # attributes, not interactions: every user's, test users' included
         _save_array(fs, posixpath.join(root, "user_features.npy"),
                     entity_features(events, "user_id", test_vocab.users.encode,
@@ -227,8 +250,19 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
                       num_contexts=0 if contexts is None else contexts.size)
     meta = {"dimensions": dims.__dict__, "vocab_hash": vocab.hash, "num_windows": windows.num_rows,
             "num_train_events": int(counts.sum()), "test_users": test.num_rows,
-            "events_uri": config.events_uri}
+            "events_uri": config.events_uri, "item_catalog_uri": config.item_catalog_uri}
     fs.pipe_file(posixpath.join(root, "meta.json"), json.dumps(meta, indent=2).encode())
+
+
+def catalog_features(catalog: pa.Table, encode, num_items: int,
+                     fields: tuple[FieldCodes, ...]) -> np.ndarray:
+    """(num_items + 1, F) int64: per dense item id the code of each field in the catalog (one
+    row per item, read_item_catalog), 0 for items it lacks and values it has none for."""
+    codes = np.zeros((num_items + 1, len(fields)), np.int64)
+    rows = encode(catalog["item_id"])
+    for f, field in enumerate(fields):
+        codes[rows, f] = field.encode(catalog[field.column])
+    return codes
 
 
 def entity_features(events: pa.Table, id_column: str, encode, num_ids: int,

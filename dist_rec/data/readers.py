@@ -15,6 +15,8 @@ written there as CSV. Compressed files (.gz, .bz2, ...) are decompressed by suff
   position of the item in the session (0, 1, ...), event type = the first configured type.
 - read_user_item: `user item` per line, each user's lines in time order
   (amazon_games_user_item.txt); timestamp = position within the user (0, 1, ...).
+- read_item_catalog: not events but items, one Parquet row each (item_id and attribute
+  columns): the catalog that gives items without events a place in the vocabulary.
 
 The fixed formats' lines are records: a value quoted whole ("pv", "42", as R's write.csv writes
 strings) reads as its text, and a stray quote spoils its own line only. read_events' headed CSV
@@ -140,6 +142,46 @@ def read_user_item(uri: str, config: DataConfig = DataConfig(),
     positions[order] = rank
     events = event_table(user, item, positions, np.ones(len(user), np.int8), config.event_types)
     return _finish(uri, [events], reports, storage_options, quarantine_uri)
+
+
+def read_item_catalog(uri: str, columns: Sequence[str], config: DataConfig = DataConfig(),
+                      storage_options: dict | None = None,
+                      quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
+    """Parquet file or directory of items -> (catalog, quarantine report).
+
+    The catalog has one row per item: item_id (int64) and `columns` as read. A row whose item_id
+    is missing or not a non-negative integer is quarantined (its file and 1-based row number; in
+    strict mode it raises); an item listed more than once takes its last row (files in name
+    order), and the count of such items is logged.
+    """
+    tables, reports = [], []
+    for path in _files(uri, storage_options):
+        for raw, lines in _parquet_blocks(path, ["item_id", *columns], storage_options):
+            ids, missing, malformed = parse_integers(raw["item_id"])
+            bad = missing | malformed
+            reports.append(_checked(config, QuarantineReport(quarantine_rows(
+                path, lines[bad], np.where(missing[bad], "missing_field", "non_integer_id"),
+                ["item_id"] * int(bad.sum()), row_texts(raw.filter(bad))), raw.num_rows)))
+            good = raw.filter(~bad)
+            tables.append(good.set_column(good.schema.get_field_index("item_id"), "item_id",
+                                          pa.array(ids[~bad], pa.int64())))
+    if not tables:
+        raise ValueError(f"{uri}: the item catalog has no rows")
+    try:
+        catalog = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+        raise ValueError(f"{uri}: its files give a column different types ({error})") from None
+    ids = catalog["item_id"].to_numpy()
+    _, last_from_end, listings = np.unique(ids[::-1], return_index=True, return_counts=True)
+    if (listings > 1).any():
+        logger.warning("%s: %d item(s) listed more than once; each takes its last row", uri,
+                       int((listings > 1).sum()))
+    catalog = catalog.take(np.sort(len(ids) - 1 - last_from_end))
+    report = QuarantineReport.concat(reports)
+    report.log_summary(uri)
+    if quarantine_uri:
+        report.write(quarantine_uri, storage_options)
+    return catalog, report
 
 
 def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options: dict | None,

@@ -2,7 +2,8 @@
 
 Dense ids start at 1 (0 = padding / unknown) and never change once given: growth appends. An id is
 admitted once it has min_count events in all the data seen so far; until then it waits, with its
-count, among the pending ids (so ten events spread over ten hourly updates still admit it). New
+count, among the pending ids (so ten events spread over ten hourly updates still admit it). A
+catalog's items are admitted whatever their count (`admit_items`). New
 admissions of one update get dense ids in ascending raw-id order, so a vocabulary is a function of
 its event history, not of row order.
 
@@ -104,6 +105,18 @@ class IdMap:
                      np.concatenate([admitted_counts, pending_counts[admit]]),
                      pending[~admit], pending_counts[~admit], self.min_count)
 
+    def admit(self, raw: np.ndarray | pa.Array | pa.ChunkedArray) -> "IdMap":
+        """A new IdMap with every id of `raw` admitted whatever its count (a catalog's items):
+        those not yet admitted are appended in ascending order with the events counted so far
+        (0 for none), old dense ids kept."""
+        ids = np.unique(_numpy(raw))
+        new = ids[self.encode(ids) == 0]
+        waiting = np.isin(self.pending_ids, new)
+        counts = np.zeros(len(new), np.int64)
+        counts[np.searchsorted(new, self.pending_ids[waiting])] = self.pending_counts[waiting]
+        return IdMap(np.concatenate([self.raw_ids, new]), np.concatenate([self.counts, counts]),
+                     self.pending_ids[~waiting], self.pending_counts[~waiting], self.min_count)
+
 
 class Vocabulary:
     """Items and users: IdMap each."""
@@ -124,6 +137,10 @@ class Vocabulary:
     def grow(self, events: pa.Table) -> "Vocabulary":
         """A new Vocabulary with these events counted; existing dense ids never change."""
         return Vocabulary(self.items.grow(events["item_id"]), self.users.grow(events["user_id"]))
+
+    def admit_items(self, raw_items: np.ndarray | pa.Array | pa.ChunkedArray) -> "Vocabulary":
+        """A new Vocabulary with these items admitted (IdMap.admit); users unchanged."""
+        return Vocabulary(self.items.admit(raw_items), self.users)
 
     @property
     def num_items(self) -> int:

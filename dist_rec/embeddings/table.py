@@ -136,6 +136,49 @@ class ItemTables(nn.Module):
                                                       for start, stop in chunks))
 
 
+
+class RowViewScorer:
+    """The tables' scoring interface (output_rows, output_weight, topk, target_ranks,
+    target_log_likelihoods) over a RowView of their rows: what a loss or an evaluator scores when
+    an item's scored row is not its stored row (HRNN-meta's mixed rows, cold items left out).
+
+    Not a module: its parameters are the tables' and the view's owner's. The tables may be
+    single-device or row-sharded: each shard applies the view to its own rows.
+    """
+
+    def __init__(self, tables: nn.Module, row_view: RowView):
+        self.tables, self.row_view = tables, row_view
+        self.num_items = tables.num_items
+
+    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...) -> viewed (vectors (..., D), bias (...))."""
+        return self.row_view(items, *self.tables.output_rows(items))
+
+    def output_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole viewed table (N+1, D) and bias (N+1,), computed on the fly."""
+        device = next(self.tables.parameters()).device
+        return self.output_rows(torch.arange(self.num_items + 1, device=device))
+
+    def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
+             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (N, D) -> (scores (N, k), item ids (N, k)) over the viewed rows; as the tables'."""
+        return self.tables.topk(hidden, k, chunk_rows, exclude, row_view=self.row_view)
+
+    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
+                     chunk_rows: int = 262_144, exclude: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """hidden (N, D), targets (N,) -> (N,) 0-based ranks over the viewed rows; as the tables'."""
+        return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.row_view,
+                                        exclude=exclude)
+
+    def target_log_likelihoods(self, hidden: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int = 262_144) -> torch.Tensor:
+        """hidden (N, D), targets (N,) -> (N,) float64 full-softmax log-probabilities over the
+        viewed rows; as the tables'."""
+        return self.tables.target_log_likelihoods(hidden, targets, chunk_rows,
+                                                  row_view=self.row_view)
+
+
 def log_partition(hidden: torch.Tensor, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]
                   ) -> torch.Tensor:
     """hidden (Q, D), chunks of rows [(vectors (C, D), bias (C,))] -> (Q,) float64 logsumexp of

@@ -17,7 +17,7 @@ from torch import nn
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
 from dist_rec.embeddings.sharded import ShardedItemTables
-from dist_rec.embeddings.table import ItemTables
+from dist_rec.embeddings.table import ItemTables, RowViewScorer
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,32 @@ class NextItemModel(nn.Module):
 
     `scorer` has the tables' scoring interface (output_rows, output_weight, topk, target_ranks):
     the tables themselves, unless the encoder scores items from their features too (HRNN-meta's
-    `scorer(tables)`).
+    `scorer(tables)`, when `scores_cold_items`), or there are cold items to leave out of
+    rankings (`set_cold_items`).
     """
 
     def __init__(self, tables: nn.Module, encoder: nn.Module):
         super().__init__()
         self.tables = tables
         self.encoder = encoder
+        # Not saved with the model: it comes from the data's item counts on every load.
+        self.register_buffer("cold_items", torch.zeros(tables.num_items + 1, dtype=torch.bool),
+                             persistent=False)
+        self._any_cold = False
+
+    def set_cold_items(self, cold: torch.Tensor) -> None:
+        """cold (num_items + 1,) bool: the items without a training event (catalog items nobody
+        has interacted with yet). Their rows never had a gradient as a target. An encoder that
+        scores items from their features (HRNN-meta) gets them, to score them from features
+        alone; for every other model their rows are left out of every ranking at inference."""
+        if cold.shape != self.cold_items.shape:
+            raise ValueError(f"set_cold_items: shape {tuple(cold.shape)}, expected "
+                             f"{tuple(self.cold_items.shape)} (one per item id incl. row 0)")
+        self.cold_items.copy_(cold)
+        self._any_cold = bool(cold.any())
+        setter = getattr(self._encoder, "set_cold_items", None)
+        if setter is not None:
+            setter(cold)
 
     @property
     def _encoder(self) -> nn.Module:
@@ -88,8 +107,17 @@ class NextItemModel(nn.Module):
     def scorer(self):
         """Built on access, so it always reads the current tables (they may be swapped for a
         sharded view) and the encoder's current parameters."""
-        make_scorer = getattr(self._encoder, "scorer", None)
-        return self.tables if make_scorer is None else make_scorer(self.tables)
+        if getattr(self._encoder, "scores_cold_items", False):
+            return self._encoder.scorer(self.tables)
+        if self._any_cold and not self.training:
+            return RowViewScorer(self.tables, self._without_cold_items)
+        return self.tables
+
+    def _without_cold_items(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A RowView: cold items score -inf, below every item with a trained row. (In training
+        the full softmax keeps them as negatives; the samplers never draw them: count 0.)"""
+        return vectors, bias.masked_fill(self.cold_items[items], float("-inf"))
 
     def hidden(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, T, D); padding steps are zeros whatever the encoder computed there, so a row with

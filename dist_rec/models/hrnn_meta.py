@@ -7,7 +7,7 @@ Paper: "Temporal-Contextual Recommendation in Real-Time", KDD 2020 (../shared/pa
 - Decoder (sec. 2.3, eq. 2): the score of item j mixes its ID view and its feature view,
       phi~_j(h) = (1 - lambda) (w_j . h + b_j) + lambda (w(f_j) . h + b(f_j)),
   which is one dot product with the mixed row ((1-lambda) w_j + lambda w(f_j), (1-lambda) b_j +
-  lambda b(f_j)): `MetaScorer` gives the loss and the evaluator those rows. lambda ~ U[0, 1] once
+  lambda b(f_j)): `HRNNMeta.scorer` gives the loss and the evaluator those rows. lambda ~ U[0, 1] once
   per training step ("a form of dropout that prevents co-training"); at inference lambda = 1 for
   cold-start items (no ID signal) and `eval_lambda` (default 0) for the others.
 - Value head (sec. 4.3, Tables 4-5): predicts the value of the next event from h_t and the next
@@ -26,6 +26,7 @@ from torch import nn
 
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
+from dist_rec.embeddings.table import RowViewScorer
 from dist_rec.models.base import Dimensions, read_options, register
 from dist_rec.models.hrnn import HRNN
 
@@ -125,9 +126,25 @@ class HRNNMeta(HRNN):
         return super().forward(batch, item_vectors)
 
     # ----- decoder -----
-    def scorer(self, tables: nn.Module) -> "MetaScorer | nn.Module":
-        """The scoring view NextItemModel uses: eq. 2 when there are item features."""
-        return tables if self.feature_rows is None else MetaScorer(tables, self)
+    @property
+    def scores_cold_items(self) -> bool:
+        """Whether items score from their features too (eq. 2), which scores items without
+        interactions. Without item features the plain tables score, as for HRNN."""
+        return self.feature_rows is not None
+
+    def scorer(self, tables: nn.Module) -> RowViewScorer:
+        """The scoring view NextItemModel uses when `scores_cold_items`: eq. 2's mixed rows."""
+        return RowViewScorer(tables, self.mix)
+
+    def mix(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """items (...), their ID rows (vectors (..., D), bias (...)) -> eq. 2's mixed rows (a
+        table.RowView; on sharded tables each shard mixes its own rows, the encoder being the
+        same on every rank)."""
+        feature_vectors, feature_bias = self.feature_view(items)
+        mix = self.mixing(items).to(vectors.dtype)
+        return (torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)),
+                torch.lerp(bias, feature_bias, mix))
 
     def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items (...) -> (w(f_j) (..., D), b(f_j) (...)).
@@ -169,54 +186,6 @@ class HRNNMeta(HRNN):
         labels = _required(batch.target_values, "target_values")[mask]
         predicted = self.predict_values(hidden, batch.targets[mask], tables)
         return self.options["value_loss_weight"] * (predicted - labels).pow(2).mean()
-
-
-class MetaScorer:
-    """The tables' scoring interface over eq. 2's mixed rows; see the module docstring.
-
-    Not a module: its parameters are the tables' (ID view) and the encoder's (feature view). The
-    tables may be single-device or row-sharded: the full-catalog ranking hands them `mix` as the
-    view of their rows, so each shard mixes its own rows (the encoder is the same on every rank).
-    """
-
-    def __init__(self, tables: nn.Module, encoder: HRNNMeta):
-        self.tables, self.encoder = tables, encoder
-        self.num_items = tables.num_items
-
-    def mix(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """items (...), their ID rows (vectors (..., D), bias (...)) -> the mixed rows."""
-        feature_vectors, feature_bias = self.encoder.feature_view(items)
-        mix = self.encoder.mixing(items).to(vectors.dtype)
-        return (torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)),
-                torch.lerp(bias, feature_bias, mix))
-
-    def output_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """items (...) -> mixed (vectors (..., D), bias (...))."""
-        return self.mix(items, *self.tables.output_rows(items))
-
-    def output_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole mixed table (N+1, D) and bias (N+1,), computed on the fly."""
-        every = torch.arange(self.num_items + 1, device=self.encoder.item_features.device)
-        return self.output_rows(every)
-
-    def topk(self, hidden: torch.Tensor, k: int, chunk_rows: int = 262_144,
-             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (N, D) -> (scores (N, k), item ids (N, k)) over the mixed rows; as the tables'."""
-        return self.tables.topk(hidden, k, chunk_rows, exclude, row_view=self.mix)
-
-    def target_ranks(self, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = 262_144, exclude: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-        """hidden (N, D), targets (N,) -> (N,) 0-based ranks over the mixed rows; as the tables'."""
-        return self.tables.target_ranks(hidden, targets, chunk_rows, row_view=self.mix,
-                                        exclude=exclude)
-
-    def target_log_likelihoods(self, hidden: torch.Tensor, targets: torch.Tensor,
-                               chunk_rows: int = 262_144) -> torch.Tensor:
-        """hidden (N, D), targets (N,) -> (N,) float64 full-softmax log-probabilities over the
-        mixed rows; as the tables'."""
-        return self.tables.target_log_likelihoods(hidden, targets, chunk_rows, row_view=self.mix)
 
 
 def _check_codes(kind: str, codes: torch.Tensor, shape: torch.Size, sizes: tuple[int, ...]) -> None:

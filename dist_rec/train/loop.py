@@ -26,7 +26,7 @@ from dist_rec.data.streaming import iterate_batches
 from dist_rec.embeddings.optim import RowWiseAdagrad
 from dist_rec.evaluation.protocols import ModelRanker, next_value_rmse, tdm_first_half
 from dist_rec.losses import build_loss, event_weights
-from dist_rec.models import build_model
+from dist_rec.models import NextItemModel, build_model
 from dist_rec.storage import pyarrow_filesystem
 from dist_rec.train import state
 from dist_rec.train.step import Optimizers, seed_epoch, train_step
@@ -46,7 +46,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
     model = build_model(config.model, prepared.dimensions, config.train.sharding,
                         config.train.seed).to(device)
-    load_features(model.encoder, prepared)
+    load_item_data(model, prepared)
     sharded = config.train.sharding == "row"
     loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
     # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
@@ -125,12 +125,14 @@ def _reached(config: JobConfig, step: int) -> bool:
     return bool(config.train.max_steps) and step >= config.train.max_steps
 
 
-def load_features(encoder: torch.nn.Module, prepared: PreparedData) -> None:
-    """HRNN-meta's per-item and per-user code tables, when the encoder reads them and the
+def load_item_data(model: NextItemModel, prepared: PreparedData) -> None:
+    """What the model reads from the data beside the windows: the cold items (catalog items
+    without a training event), and HRNN-meta's per-item and per-user code tables when the
     prepared data has them."""
+    model.set_cold_items(torch.as_tensor(prepared.cold_items))
     for kind in ("item", "user"):
         codes = getattr(prepared, f"{kind}_features")
-        setter = getattr(encoder, f"set_{kind}_features", None)
+        setter = getattr(model.encoder, f"set_{kind}_features", None)
         if codes is not None and setter is not None:
             setter(torch.as_tensor(codes))
 

@@ -372,3 +372,28 @@ def test_user_behavior_on_s3(s3_storage, tmp_path):  # noqa: F811
         saved = pacsv.read_csv(f)
     assert saved.select(["source", "line", "reason"]).to_pylist() == [
         {"source": uri, "line": 5, "reason": "non_integer_id"}]
+
+
+def test_item_catalog_quarantines_bad_ids_and_keeps_each_items_last_row(tmp_path, caplog):
+    directory = tmp_path / "catalog"
+    directory.mkdir()
+    pq.write_table(pa.table({"item_id": ["5", "x", "7", None, "9"],
+                             "brand": ["a", "b", "c", "d", "e"], "unused": [1, 2, 3, 4, 5]}),
+                   directory / "part-0.parquet")
+    pq.write_table(pa.table({"item_id": ["7", "11"], "brand": ["z", None], "unused": [6, 7]}),
+                   directory / "part-1.parquet")
+    quarantine = tmp_path / "quarantine.csv"
+    with caplog.at_level("WARNING", logger="dist_rec.data.readers"):
+        catalog, report = readers.read_item_catalog(str(directory), ["brand"],
+                                                    quarantine_uri=str(quarantine))
+    assert columns(catalog) == {"item_id": [5, 9, 7, 11], "brand": ["a", "e", "z", None]}
+    assert "1 item(s) listed more than once; each takes its last row" in caplog.text
+    bad = report.rows.to_pylist()
+    assert [(r["source"].rsplit("/", 1)[1], r["line"], r["reason"], r["field"]) for r in bad] == [
+        ("part-0.parquet", 2, "non_integer_id", "item_id"),
+        ("part-0.parquet", 4, "missing_field", "item_id")]
+    assert report.rows_read == 7 and "non_integer_id" in quarantine.read_text()
+    with pytest.raises(EventValidationError, match=r"part-0.parquet, line 2, field 'item_id'"):
+        readers.read_item_catalog(str(directory), ["brand"], DataConfig(strict=True))
+    with pytest.raises(ValueError, match=r"part-0.parquet: Parquet columns .* lack \['size'\]"):
+        readers.read_item_catalog(str(directory), ["size"])

@@ -49,6 +49,21 @@ def test_growth_is_append_only_and_counts_update():
     assert again.users.raw_ids.tolist() == [1, 2, 3, 4]
 
 
+def test_a_catalog_admits_items_whatever_their_count_after_the_others():
+    vocab = Vocabulary.build(events([1] * 4, [30, 10, 30, 20]), min_item_count=2)
+    assert vocab.items.raw_ids.tolist() == [30] and vocab.items.pending_ids.tolist() == [10, 20]
+    listed = vocab.admit_items(np.array([50, 10, 30, 7, 50]))
+    # 30 keeps 1; 7, 10, 50 are appended in ascending raw id; 10 takes its pending event along.
+    assert listed.items.raw_ids.tolist() == [30, 7, 10, 50]
+    assert listed.items.counts.tolist() == [2, 0, 1, 0]
+    assert listed.items.pending_ids.tolist() == [20] and listed.items.pending_counts.tolist() == [1]
+    assert listed.users is vocab.users and listed.hash != vocab.hash
+    # Events later count on the admitted ids, which stay.
+    grown = listed.grow(events([2, 2], [7, 20]))
+    assert grown.items.raw_ids.tolist() == [30, 7, 10, 50, 20]
+    assert grown.items.counts.tolist() == [2, 1, 1, 0, 2]
+
+
 def test_encode_table_and_sorted_paths_agree_with_a_dict():
     rng = np.random.default_rng(0)
     for scale in (1, 10**12):              # compact ids use a lookup table, sparse ones a sort

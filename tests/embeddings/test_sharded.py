@@ -54,6 +54,13 @@ def build_meta():
     return model
 
 
+def build_cold():
+    """Plain HRNN, in eval mode, with items 40+ cold: their rows are left out of rankings."""
+    model = build(tied=False)
+    model.set_cold_items(torch.arange(NUM_ITEMS + 1) >= 40)
+    return model.eval()
+
+
 def meta_queries(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (4 + r, 8), targets (4 + r,), exclude (4 + r, 2): row 0 excludes a warm and a
     cold item."""
@@ -173,6 +180,12 @@ def _worker(rank: int, world: int, directory: str) -> None:
                                                          exclude=exclude),
             "log_likelihoods": model.scorer.target_log_likelihoods(hidden, targets, chunk_rows=7)}
 
+    model = build_cold()
+    model.tables = ShardedItemTables.from_full(model.tables)
+    hidden, targets, _ = meta_queries(rank)
+    results["cold"] = {"topk": model.scorer.topk(hidden, K_LARGE, chunk_rows=7),
+                       "ranks": model.scorer.target_ranks(hidden, targets, chunk_rows=7)}
+
     tables = ShardedItemTables.from_full(lookup_tables())
     loss = lookup_loss(tables, *lookup_inputs(rank, world))
     loss.backward()
@@ -264,6 +277,18 @@ def test_hrnn_meta_trains_and_ranks_as_unsharded(ranks, name):
         cold_listed |= bool((items >= 40).any())
     assert cold_listed                              # cold items, scored by their category, rank
     assert not torch.equal(model.encoder.feature_rows.weight, build_meta().encoder.feature_rows.weight)
+
+
+def test_cold_items_are_left_out_of_sharded_rankings_as_of_unsharded(ranks):
+    model = build_cold()
+    for rank, result in enumerate(ranks):
+        hidden, targets, _ = meta_queries(rank)
+        scores, items = model.scorer.topk(hidden, K_LARGE)
+        assert torch.equal(result["cold"]["topk"][1], items) and not (items >= 40).any()
+        torch.testing.assert_close(result["cold"]["topk"][0], scores)
+        ranks_ = model.scorer.target_ranks(hidden, targets)
+        assert torch.equal(result["cold"]["ranks"], ranks_)
+        assert (ranks_[targets >= 40] == NUM_ITEMS - 1).all()     # behind every item
 
 
 def test_lookup_gradients_are_the_average_over_ranks(ranks):

@@ -60,7 +60,7 @@ def train(tmp_path, context_column: str) -> tuple:
     batches = [windows_to_batch(windows.slice(start, 50)) for start in range(0, windows.num_rows, 50)]
     torch.manual_seed(0)
     model = build_model(config.model, prepared.dimensions)
-    loop.load_features(model.encoder, prepared)       # as the training loop does
+    loop.load_item_data(model, prepared)       # as the training loop does
     assert torch.equal(model.encoder.user_features, torch.as_tensor(prepared.user_features))
     assert torch.equal(model.encoder.item_features, torch.as_tensor(prepared.item_features))
     model, _ = fit(model, batches, steps=250)
@@ -99,7 +99,7 @@ def _evaluate_on_rank(rank: int, world_size: int, directory: str) -> None:
     config = JobConfig.from_dict(json.loads(open(f"{directory}/config.json").read()))
     torch.manual_seed(0)                       # the same (untrained) weights on every rank
     model = build_model(config.model, prepared.dimensions)
-    loop.load_features(model.encoder, prepared)
+    loop.load_item_data(model, prepared)
     metrics = loop._evaluate(model, prepared, config, rank, world_size, sharded=False)
     with open(f"{directory}/rank{rank}.json", "w") as f:
         json.dump(metrics, f)

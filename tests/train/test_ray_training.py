@@ -8,6 +8,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -218,12 +221,17 @@ def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
 def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_path, sharding):
     """Parquet events with a device, a value and a user segment column: the optional window
     columns go through Ray Data to 2 DDP workers, with replicated or row-sharded item tables
-    (eq. 2's mixed rows on each shard), and the value head's RMSE comes back with the ranking
-    metrics."""
+    (eq. 2's mixed rows on each shard, cold catalog items at lambda = 1), and the value head's
+    RMSE comes back with the ranking metrics."""
     (tmp_path / "events").mkdir()
     write_world(tmp_path / "events" / "part-0.parquet", num_users=2_000)
+    # The catalog lists 10 items beyond the events' 40: cold items, ranked from their features.
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"item_id": np.arange(1, 51), "category_id": np.ones(50, np.int64),
+                             "brand": np.array(["acme", "bolt", "corp"])[np.arange(1, 51) % 3]}),
+                   catalog)
     job = smoke_job(tmp_path, "--events", str(tmp_path / "events"), "--model", "hrnn_meta",
-                    "--sharding", sharding,
+                    "--sharding", sharding, "--item-catalog", str(catalog),
                     "--context-column", "device", "--values", "--user-features", "segment",
                     "--item-features", "brand",
                     "--test-users", "200",
@@ -234,6 +242,7 @@ def test_hrnn_meta_streams_contexts_and_values_to_two_workers(ray_cluster, tmp_p
     assert metrics["epoch"] == 4 and metrics["hr@20"] > 0
     prepared = pipeline.PreparedData.load(pipeline.prepared_uri(job.config))
     assert prepared.dimensions.item_feature_sizes == (1, 3)      # category_id, brand
+    assert prepared.dimensions.num_items == 50 and prepared.cold_items.sum() == 10
     # Offsets (sd 1) read from past values; predicting 0 would score ~1.02, the noise floor is 0.2.
     assert 0.2 < metrics["value_rmse"] < 0.6, metrics
     # The rolling average halves the user's offset with an item average near 0: far worse.
