@@ -30,10 +30,25 @@ def smoke_job(tmp_path, *extra: str) -> pipeline.JobSpec:
     return pipeline.JobSpec.from_args(args, config_from_args)
 
 
-def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
-    job = smoke_job(tmp_path)
-    assert job.config.train.num_workers == 2 and job.config.model.name == "hrnn"
+# Window shards of 300 rows (~9 files), so Ray Data reads several blocks at once.
+SMALL_SHARDS = ("--set", "data.rows_per_shard=300")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_cluster, tmp_path_factory) -> dict:
+    """One smoke job (1 epoch) that several tests read: its directory, its summary and its
+    item tables as trained."""
+    directory = tmp_path_factory.mktemp("smoke")
+    job = smoke_job(directory, *SMALL_SHARDS)
     first = pipeline.run(job)
+    return {"directory": directory, "summary": first,
+            "tables": checkpoint.gather_full_table(job.config.storage, first["checkpoint"])}
+
+
+def test_smoke_job_trains_checkpoints_and_resumes(smoke_run):
+    tmp_path, first = smoke_run["directory"], smoke_run["summary"]
+    job = smoke_job(tmp_path, *SMALL_SHARDS)
+    assert job.config.train.num_workers == 2 and job.config.model.name == "hrnn"
     metrics = first["metrics"]
     assert metrics["epoch"] == 1
     for name in ("precision@200", "recall@200", "hr@20", "ndcg@20"):
@@ -50,36 +65,30 @@ def test_smoke_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     assert saved["metrics"] == metrics and saved["most_pop"] == first["most_pop"]
 
     # The same command again: nothing left to train, and it says so with the saved figures.
-    again = pipeline.run(smoke_job(tmp_path))
+    again = pipeline.run(smoke_job(tmp_path, *SMALL_SHARDS))
     assert again["already_complete"] and again["metrics"] == metrics
     assert "already complete: nothing trained now" in pipeline.format_summary(again)
     # Another model under the same run name is refused before any work, naming the difference.
     with pytest.raises(ValueError, match="name: 'hrnn' there, 'gru4rec' here.*--run-name"):
-        pipeline.run(smoke_job(tmp_path, "--model", "gru4rec"))
+        pipeline.run(smoke_job(tmp_path, *SMALL_SHARDS, "--model", "gru4rec"))
 
-    # A new job with 2 epochs finds the 1-epoch checkpoint and trains only the second epoch.
-    second = pipeline.run(smoke_job(tmp_path, "--epochs", "2"))
+    # A new job with 2 epochs finds the 1-epoch checkpoint and trains only the second epoch;
+    # with --keep-last 1 its checkpoint prunes the first.
+    second = pipeline.run(smoke_job(tmp_path, *SMALL_SHARDS, "--epochs", "2", "--keep-last", "1"))
     assert second["metrics"]["epoch"] == 2
     assert second["metrics"]["step"] == 2 * metrics["step"]
     assert pipeline.format_summary(second).startswith(f"resumed from {first['checkpoint']}; "
                                                       f"trained epochs 2..2")
-    assert checkpoint.latest_checkpoint(job.config.storage, "smoke") == second["checkpoint"]
-    before = checkpoint.gather_full_table(job.config.storage, first["checkpoint"])
+    assert checkpoint.list_checkpoints(job.config.storage, "smoke") == [second["checkpoint"]]
     after = checkpoint.gather_full_table(job.config.storage, second["checkpoint"])
-    assert not torch.equal(before["input"], after["input"])
+    assert not torch.equal(smoke_run["tables"]["input"], after["input"])
 
-
-def test_a_run_whose_checkpoints_were_pruned_trains_on_in_a_later_job(ray_cluster, tmp_path):
-    """--keep-last 1: the second epoch's checkpoint prunes the first. A later job with more
-    epochs resumes from the newest. (Ray's snapshot of the earlier job listed the pruned one, and
-    Ray refused to start a run of the same name.) Ray's files do not outlive a job: the run holds
-    only its checkpoints and summary."""
-    first = pipeline.run(smoke_job(tmp_path, "--keep-last", "1", "--epochs", "2"))
-    storage = smoke_job(tmp_path).config.storage
-    assert checkpoint.list_checkpoints(storage, "smoke") == [first["checkpoint"]]
-    second = pipeline.run(smoke_job(tmp_path, "--keep-last", "1", "--epochs", "3"))
-    assert second["resumed_from"] == first["checkpoint"] and second["metrics"]["epoch"] == 3
-    assert checkpoint.list_checkpoints(storage, "smoke") == [second["checkpoint"]]
+    # A later job trains on from the newest. (Ray's snapshot of an earlier job listed the pruned
+    # checkpoint, and Ray refused to start a run of the same name.) Ray's files do not outlive a
+    # job: the run holds only its checkpoints and summary.
+    third = pipeline.run(smoke_job(tmp_path, *SMALL_SHARDS, "--epochs", "3", "--keep-last", "1"))
+    assert third["resumed_from"] == second["checkpoint"] and third["metrics"]["epoch"] == 3
+    assert checkpoint.list_checkpoints(job.config.storage, "smoke") == [third["checkpoint"]]
     assert sorted(os.listdir(tmp_path / "runs" / "smoke")) == ["checkpoints", "summary.json"]
 
 
@@ -198,23 +207,22 @@ def test_max_steps_ends_the_run_and_a_rerun_trains_nothing(ray_cluster, tmp_path
     assert again["already_complete"] and again["metrics"] == other["metrics"]
 
 
-def test_two_runs_of_one_config_train_the_same_model(ray_cluster, tmp_path):
-    """Window shards of 300 rows (~10 files, so Ray Data reads several blocks at once): two runs
-    of one seed end with the same loss, metrics and item tables, bit for bit. Before the ingest
-    preserved the files' order, each worker took whichever block was read first and every run
-    differed (losses 7.316 / 7.273 / 7.333 in three runs)."""
-    jobs = [smoke_job(tmp_path, "--run-name", name, "--set", "data.rows_per_shard=300")
-            for name in ("first", "second")]
-    runs = [pipeline.run(job) for job in jobs]
-    windows = Path(pipeline.prepared_uri(jobs[0].config)) / "windows"
+def test_two_runs_of_one_config_train_the_same_model(smoke_run):
+    """Window shards of 300 rows (~9 files, so Ray Data reads several blocks at once): a second
+    run of the smoke run's config and seed ends with the same loss, metrics and item tables, bit
+    for bit. Before the ingest preserved the files' order, each worker took whichever block was
+    read first and every run differed (losses 7.316 / 7.273 / 7.333 in three runs)."""
+    job = smoke_job(smoke_run["directory"], *SMALL_SHARDS, "--run-name", "twin")
+    twin = pipeline.run(job)
+    windows = Path(pipeline.prepared_uri(job.config)) / "windows"
     assert len(list(windows.glob("*.parquet"))) >= 8
     timing = {"events_per_second", "train_seconds", "checkpoint"}
-    first, second = ({k: v for k, v in run["metrics"].items() if k not in timing} for run in runs)
+    first, second = ({k: v for k, v in run["metrics"].items() if k not in timing}
+                     for run in (smoke_run["summary"], twin))
     assert first == second
-    tables = [checkpoint.gather_full_table(job.config.storage, run["checkpoint"])
-              for job, run in zip(jobs, runs)]
-    for name in tables[0]:
-        assert torch.equal(tables[0][name], tables[1][name]), name
+    tables = checkpoint.gather_full_table(job.config.storage, twin["checkpoint"])
+    for name in smoke_run["tables"]:
+        assert torch.equal(smoke_run["tables"][name], tables[name]), name
 
 
 @pytest.mark.parametrize("sharding", ["none", "row"])
