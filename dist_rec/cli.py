@@ -45,11 +45,11 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--item-features": ("data.item_feature_columns", column_list, "Parquet events: comma-"
                         "separated columns of item attributes beside category_id (each item's "
                         "newest value), inputs and eq. 2 feature rows of hrnn_meta"),
-    "--item-catalog": ("data.item_catalog_uri", str, "Parquet of every item: item_id and the "
-                       "item attribute columns (category_id when the events have it, then "
-                       "--item-features), local or s3://. Items without a training event enter "
-                       "the vocabulary as cold items: hrnn_meta ranks them from their attributes "
-                       "alone, other models leave them out"),
+    "--item-catalog": ("data.item_catalog_uri", str, "Parquet of every item, local or s3://: "
+                       "item_id and each item attribute column (category_id when the events "
+                       "have it, then --item-features), all required. Items without a training "
+                       "event enter the vocabulary as cold items: hrnn_meta ranks them from "
+                       "their attributes alone, other models leave them out"),
     "--window-length": ("data.window_length", int, "T: (input, target) pairs per training window"),
     "--session-gap": ("data.session_gap_seconds", int, "seconds of inactivity that start a new "
                       "session (HRNN's session-start input)"),
@@ -90,9 +90,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
 # out (the seed draws them), where the prepared data goes, and the run (--storage, --run-name),
 # whose lease it holds meanwhile. The rest only matter to training.
 PREPARE_FLAGS = ("--events", "--work-dir", "--context-column", "--values", "--user-features",
-                 "--item-features", "--item-catalog", "--window-length", "--session-gap", "--num-delta-buckets",
-                 "--strict", "--test-users", "--seed", "--run-name", "--storage", "--s3-endpoint",
-                 "--users", "--items", "--num-events")
+                 "--item-features", "--item-catalog", "--window-length", "--session-gap",
+                 "--num-delta-buckets", "--strict", "--test-users", "--seed", "--run-name",
+                 "--storage", "--s3-endpoint", "--users", "--items", "--num-events")
 
 # Item tables' layouts, as models.base.build_model accepts them.
 SHARDINGS = ("none", "row")

@@ -21,9 +21,10 @@ Test users (the TDM protocol: users with 10+ events, drawn at random) are held o
 entirely; the vocabulary and the item counts come from the training users only, so an item that
 only a test user touched is unknown: its events stay in the test histories as
 vocab.UNKNOWN_ITEM, a miss for every model alike, never an untrained row. With an item catalog
-(DataConfig.item_catalog_uri), its items without a training event join the vocabulary after the
-others, as cold items (count 0, attributes from the catalog): a test user's event on one keeps
-its id, which HRNN-meta can rank from the item's attributes and other models leave out.
+(DataConfig.item_catalog_uri), its items join the vocabulary after the trained ones; those
+without a training event (or with fewer than min_item_count, whose events training does not
+read) are cold items (count 0, attributes from the catalog): a test user's event on one keeps its
+id, which HRNN-meta can rank and read from the item's attributes and other models leave out.
 """
 from __future__ import annotations
 
@@ -152,10 +153,10 @@ def prepare(config: DataConfig, out_uri: str, test_users: int, seed: int,
     error) leaves the previous one as it was.
     """
     out = out_uri.rstrip("/")
-    events_uri = config.events_uri.rstrip("/")
-    if events_uri == out or events_uri.startswith(out + "/"):
-        raise ValueError(f"prepare: the events ({config.events_uri}) lie inside the output "
-                         f"directory {out_uri}, which a preparation replaces")
+    for what, uri in (("events", config.events_uri), ("item catalog", config.item_catalog_uri)):
+        if uri.rstrip("/") == out or uri.startswith(out + "/"):
+            raise ValueError(f"prepare: the {what} path {uri} is inside the output directory "
+                             f"{out_uri}, which a preparation replaces")
     fs, root = filesystem(out, storage_options)
     staging = f"{out}.staging-{uuid.uuid4().hex[:12]}"
     _, staging_root = filesystem(staging, storage_options)
@@ -202,25 +203,30 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
                                  config, storage_options,
                                  posixpath.join(out_uri, "catalog_quarantine.csv"))[0]
                if config.item_catalog_uri else None)
-    vocab = Vocabulary.from_config(train_events, config)
-    if catalog is not None:   # after the items with events: their ids do not depend on it
-        vocab = vocab.admit_items(catalog["item_id"])
+    trained = Vocabulary.from_config(train_events, config)
+    # The catalog's other items come after the trained ones (whose ids do not depend on it) and
+    # stay cold: training reads only the trained items' events, so min_item_count still holds.
+    vocab = trained if catalog is None else trained.admit_items(catalog["item_id"])
     test_vocab = Vocabulary(vocab.items, vocab.users.grow(test_events["user_id"]))
     contexts = fields.context
 
     def context_codes(table: pa.Table) -> np.ndarray | None:
         return None if contexts is None else contexts.encode(table[contexts.column])
 
-    train = build_histories(train_events, vocab, config, context_codes(train_events))
+    train = build_histories(train_events, trained, config, context_codes(train_events))
     # A test user's events on items no training user touched stay, as misses for every model.
     test = build_histories(test_events, test_vocab, config, context_codes(test_events),
                            keep_unknown_items=True)
     windows = build_windows(train, config)
     counts = np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=vocab.num_items + 1)
     counts[0] = 0
+    cold = int(np.count_nonzero(counts[1:] == 0))
     logger.info("prepared %d training users, %d windows, %d test users, %d items (%d cold: "
                 "without a training event)", train.num_rows, windows.num_rows,
-                test.num_rows, vocab.num_items, np.count_nonzero(counts[1:] == 0))
+                test.num_rows, vocab.num_items, cold)
+    if cold and catalog is None:
+        logger.warning("%d item(s) have no training event (all their events were by users "
+                       "DataConfig.min_user_count filtered out): no model ranks them", cold)
 
     write_window_shards(windows, posixpath.join(out_uri, "windows"), config.rows_per_shard,
                         storage_options)
@@ -231,7 +237,8 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
         item_features = entity_features(train_events, "item_id", vocab.items.encode,
                                         vocab.num_items, fields.items)
         if catalog is not None:   # the catalog's known values win: they are the current ones
-            listed = catalog_features(catalog, vocab.items.encode, vocab.num_items, fields.items)
+            listed = catalog_features(catalog, config.item_catalog_uri, vocab.items.encode,
+                                      vocab.num_items, fields.items)
             item_features = np.where(listed > 0, listed, item_features)
         _save_array(fs, posixpath.join(root, "item_features.npy"), item_features)
     if fields.users:   # attributes, not interactions: every user's, test users' included
@@ -254,14 +261,19 @@ def _prepare_into(out_uri: str, config: DataConfig, test_users: int, seed: int,
     fs.pipe_file(posixpath.join(root, "meta.json"), json.dumps(meta, indent=2).encode())
 
 
-def catalog_features(catalog: pa.Table, encode, num_items: int,
+def catalog_features(catalog: pa.Table, uri: str, encode, num_items: int,
                      fields: tuple[FieldCodes, ...]) -> np.ndarray:
     """(num_items + 1, F) int64: per dense item id the code of each field in the catalog (one
     row per item, read_item_catalog), 0 for items it lacks and values it has none for."""
     codes = np.zeros((num_items + 1, len(fields)), np.int64)
     rows = encode(catalog["item_id"])
     for f, field in enumerate(fields):
-        codes[rows, f] = field.encode(catalog[field.column])
+        try:
+            codes[rows, f] = field.encode(catalog[field.column])
+        except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise ValueError(f"{uri}: column {field.column!r} is {catalog[field.column].type}, "
+                             f"which the events' values cannot be matched against: give it the "
+                             f"events' type ({error})") from None
     return codes
 
 

@@ -149,10 +149,11 @@ def read_item_catalog(uri: str, columns: Sequence[str], config: DataConfig = Dat
                       quarantine_uri: str | None = None) -> tuple[pa.Table, QuarantineReport]:
     """Parquet file or directory of items -> (catalog, quarantine report).
 
-    The catalog has one row per item: item_id (int64) and `columns` as read. A row whose item_id
-    is missing or not a non-negative integer is quarantined (its file and 1-based row number; in
-    strict mode it raises); an item listed more than once takes its last row (files in name
-    order), and the count of such items is logged.
+    The catalog has one row per item: item_id (int64) and `columns` as read; a file without one
+    of them raises, naming it. A row whose item_id is missing or not a non-negative integer is
+    quarantined (its file and 1-based row number; in strict mode it raises), and a catalog
+    without one valid row raises; an item listed more than once takes its last row (files in
+    name order), and the count of such items is logged.
     """
     tables, reports = [], []
     for path in _files(uri, storage_options):
@@ -165,8 +166,13 @@ def read_item_catalog(uri: str, columns: Sequence[str], config: DataConfig = Dat
             good = raw.filter(~bad)
             tables.append(good.set_column(good.schema.get_field_index("item_id"), "item_id",
                                           pa.array(ids[~bad], pa.int64())))
-    if not tables:
-        raise ValueError(f"{uri}: the item catalog has no rows")
+    report = QuarantineReport.concat(reports)
+    report.log_summary(uri)
+    if quarantine_uri:
+        report.write(quarantine_uri, storage_options)
+    if not sum(table.num_rows for table in tables):
+        raise ValueError(f"{uri}: the item catalog has no row with a valid item_id"
+                         + (f" ({report.num_quarantined} quarantined)" if tables else ""))
     try:
         catalog = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
@@ -176,12 +182,7 @@ def read_item_catalog(uri: str, columns: Sequence[str], config: DataConfig = Dat
     if (listings > 1).any():
         logger.warning("%s: %d item(s) listed more than once; each takes its last row", uri,
                        int((listings > 1).sum()))
-    catalog = catalog.take(np.sort(len(ids) - 1 - last_from_end))
-    report = QuarantineReport.concat(reports)
-    report.log_summary(uri)
-    if quarantine_uri:
-        report.write(quarantine_uri, storage_options)
-    return catalog, report
+    return catalog.take(np.sort(len(ids) - 1 - last_from_end)), report
 
 
 def _csv_blocks(uri: str, names: Sequence[str], delimiter: str, storage_options: dict | None,

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_rec.embeddings.table import (ItemTables, RowView, at_or_above, best_of, chunk_scores,
-                                       excluded_cells, log_partition, reference_scores,
-                                       top_columns)
+                                       excluded_cells, log_partition, needs_precise,
+                                       reference_scores, top_columns)
 
 
 class _Group:
@@ -264,7 +264,7 @@ class ShardedItemTables(nn.Module):
         best_items = torch.zeros(everything.shape[0], k, dtype=torch.int64, device=hidden.device)
         for start, stop in self._chunks(chunk_rows):
             scores = chunk_scores(everything, *self._scoring_rows(start, stop, row_view),
-                                  precise=row_view is not None)
+                                  precise=needs_precise(row_view))
             scores[excluded_cells(local_excluded, start, stop)] = float("-inf")
             index = top_columns(scores, min(k, stop - start))
             items = (index + start) * group.world + group.rank

@@ -14,8 +14,31 @@ import torch
 from torch import nn
 
 # A scoring view of output rows: (item ids (R,), vectors (R, D), bias (R,)) -> (vectors, bias)
-# actually scored, e.g. HRNN-meta's mix of each item's ID row with its feature row (eq. 2).
+# actually scored, e.g. HRNN-meta's mix of each item's ID row with its feature row (eq. 2). A view
+# that computes rows makes top-k score in float64 (`chunk_scores`), unless it says it does not
+# need that with an attribute `precise = False` (`WithoutItems`).
 RowView = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class WithoutItems:
+    """A RowView that leaves the flagged items out of every ranking: their bias becomes -inf, so
+    they score -inf, below every other item; every other row is scored as stored.
+
+    flagged (N + 1,) bool, e.g. the cold items of a model that cannot score them."""
+
+    precise = False     # rows are not computed: float32 scores them as the plain tables would
+
+    def __init__(self, flagged: torch.Tensor):
+        self.flagged = flagged
+
+    def __call__(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return vectors, bias.masked_fill(self.flagged[items], float("-inf"))
+
+
+def needs_precise(row_view: RowView | None) -> bool:
+    """Whether top-k through `row_view` scores in float64 (see chunk_scores)."""
+    return row_view is not None and getattr(row_view, "precise", True)
 
 
 class ItemTables(nn.Module):
@@ -76,7 +99,7 @@ class ItemTables(nn.Module):
         for start in range(1, self.num_items + 1, chunk_rows):
             stop = min(start + chunk_rows, self.num_items + 1)
             scores = chunk_scores(hidden, *self._scoring_rows(start, stop, row_view),
-                                  precise=row_view is not None)
+                                  precise=needs_precise(row_view))
             if exclude is not None:
                 scores[excluded_cells(exclude, start, stop)] = float("-inf")
             # Top-k of the chunk first, then merge with the running best: merging whole chunks

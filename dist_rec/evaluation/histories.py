@@ -65,9 +65,12 @@ class Histories:
                      for name in ("items", "timestamps", "event_types", "values", "contexts")}
         return Histories(users, **per_event)
 
-    def without_unknown_items(self) -> "Histories":
-        """The same users without their UNKNOWN_ITEM events: what a model can read."""
+    def without_unknown_items(self, unreadable: np.ndarray | None = None) -> "Histories":
+        """The same users without their UNKNOWN_ITEM events, nor those on the items flagged in
+        `unreadable` ((N + 1,) bool, e.g. cold items a model cannot read): what a model reads."""
         keep = [x != UNKNOWN_ITEM for x in self.items]
+        if unreadable is not None:
+            keep = [k & ~unreadable[np.where(k, x, 0)] for k, x in zip(keep, self.items)]
         if all(k.all() for k in keep):
             return self
         return self._map_events(lambda arrays: [a[k] for a, k in zip(arrays, keep)], self.users)

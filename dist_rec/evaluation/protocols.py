@@ -82,6 +82,7 @@ class ModelRanker:
         self.model = model
         self.device = next(model.parameters()).device
         self.num_items = model.tables.num_items
+        self.unreadable_items = model.unreadable_items     # left out of the histories it reads
         self.rows_per_call = rows_per_call  # step_ranks: positions ranked per call (score buffer rows)
 
     @property
@@ -152,16 +153,19 @@ def _sample_rows(rows: np.ndarray, count: int | None, rng: np.random.Generator) 
 
 
 def _batches(inputs: Histories, now: np.ndarray, max_length: int | None, data_config: DataConfig,
-             batch_size: int, progress: bool, desc: str, now_contexts: np.ndarray | None = None
-             ) -> Iterator[tuple[np.ndarray, SequenceBatch]]:
+             batch_size: int, progress: bool, desc: str, now_contexts: np.ndarray | None = None,
+             reader=None) -> Iterator[tuple[np.ndarray, SequenceBatch]]:
     """(rows, batch) over `inputs`: rows (B,) are indices into `inputs`, the batch holds each of
     those users' last `max_length` events (None: all), right-aligned; now (U,) is the prediction
     time of each row's last position and now_contexts (U,) its request context (when the
     histories carry contexts). Users go in order of history length, so a batch pads only to
     its own longest row (every encoder is padding-invariant, tested): on Amazon's histories
     (mean 9 events, cut at 50) a batch of 256 random users is 50 wide almost always. Events on
-    unknown items are left out: no model has a row for them."""
-    inputs = inputs.without_unknown_items()
+    unknown items are left out: no model has a row for them; so are those on items the ranker
+    or model `reader` says it cannot read (`unreadable_items`: a plain model's cold items)."""
+    unreadable = getattr(reader, "unreadable_items", None)
+    inputs = inputs.without_unknown_items(None if unreadable is None
+                                          else unreadable.cpu().numpy())
     lengths = inputs.lengths()
     order = np.argsort(lengths, kind="stable")
     pick = lambda lists, rows: None if lists is None else [lists[r] for r in rows]  # noqa: E731
@@ -198,7 +202,8 @@ def _session_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max
     targets = torch.as_tensor(targets, dtype=torch.int64)
     likelihoods = getattr(ranker, "target_log_likelihoods", None) if perplexity else None
     ranks, logs = [], []
-    for rows, batch in _batches(inputs, now, max_length, data_config, batch_size, progress, desc):
+    for rows, batch in _batches(inputs, now, max_length, data_config, batch_size, progress, desc,
+                                reader=ranker):
         ranks.append(ranker.target_ranks(batch, targets[rows]))
         if likelihoods is not None:
             logs.append(likelihoods(batch, targets[rows]))
@@ -206,10 +211,13 @@ def _session_targets(ranker: Ranker, inputs: Histories, targets: np.ndarray, max
 
 
 def _perplexity(log_likelihoods: torch.Tensor | None, name: str = "perplexity") -> dict[str, float]:
-    """{name: exp(-mean log-likelihood)}, or nothing for a ranker without a softmax."""
+    """{name: exp(-mean log-likelihood)}, or nothing for a ranker without a softmax. Targets of
+    log-likelihood -inf are left out, as unknown items are: the cold items a model leaves out
+    of its rankings (NextItemModel.set_cold_items), to which it gives no probability."""
     if log_likelihoods is None:
         return {}
-    return {name: perplexity(log_likelihoods.mean().item()) if len(log_likelihoods) else math.nan}
+    scored = log_likelihoods[torch.isfinite(log_likelihoods)]
+    return {name: perplexity(scored.mean().item()) if len(scored) else math.nan}
 
 
 def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequence[int] = (10, 20),
@@ -265,7 +273,7 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
     else:
         # history_batch sets targets[t] = items[t+1]: the mask marks the n-1 predictions.
         batches = _batches(Histories.from_items(kept), np.zeros(len(kept), np.int64), None,
-                           data_config, batch_size, progress, "session steps")
+                           data_config, batch_size, progress, "session steps", reader=ranker)
         step_likelihoods = getattr(ranker, "step_log_likelihoods", None)
         ranks, logs = [], []
         for _, batch in batches:
@@ -298,7 +306,8 @@ def next_value_rmse(model: torch.nn.Module, histories, max_length: int = 100,
     squared, count = 0.0, 0
     with _inference(model):
         for _, batch in _batches(h, np.zeros(len(h), np.int64), max_length,
-                                 data_config or DataConfig(), batch_size, progress, "next value"):
+                                 data_config or DataConfig(), batch_size, progress, "next value",
+                                 reader=model):
             batch = batch.to(device)
             mask = batch.mask
             predicted = model.predict_values(model.hidden(batch)[mask], batch.targets[mask])
@@ -401,7 +410,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
         return torch.where(known[rows], ranks, NEVER_RANKED)
 
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
-                                progress, f"leave-one-out {target}", goal.request_contexts()):
+                                progress, f"leave-one-out {target}", goal.request_contexts(),
+                                reader=ranker):
         candidates = torch.cat([targets[rows, None], negatives[rows]], dim=1)   # (B, 1 + K)
         scores = ranker.candidate_scores(batch, candidates)
         sampled.append(missed((scores[:, 1:] >= scores[:, :1]).sum(1), rows))
@@ -432,7 +442,7 @@ def _multi_target(ranker: Ranker, inputs: Histories, truth: Histories, cutoffs: 
     recall = {c: [] for c in cutoffs}
     first_ranks = []
     for rows, batch in _batches(inputs, now, max_length, data_config or DataConfig(), batch_size,
-                                progress, desc, truth.request_contexts()):
+                                progress, desc, truth.request_contexts(), reader=ranker):
         expected = pad_sequence([torch.as_tensor(truth.items[r]) for r in rows],
                                 batch_first=True)                              # (B, M)
         ranks = _truth_ranks(ranker, batch, expected, k)                       # (B, M)

@@ -17,7 +17,7 @@ from torch import nn
 from dist_rec.batch import SequenceBatch
 from dist_rec.config import ModelConfig
 from dist_rec.embeddings.sharded import ShardedItemTables
-from dist_rec.embeddings.table import ItemTables, RowViewScorer
+from dist_rec.embeddings.table import ItemTables, RowViewScorer, WithoutItems
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,11 @@ class NextItemModel(nn.Module):
 
     def set_cold_items(self, cold: torch.Tensor) -> None:
         """cold (num_items + 1,) bool: the items without a training event (catalog items nobody
-        has interacted with yet). Their rows never had a gradient as a target. An encoder that
-        scores items from their features (HRNN-meta) gets them, to score them from features
-        alone; for every other model their rows are left out of every ranking at inference."""
+        has interacted with yet, or fewer than DataConfig.min_item_count times). Their rows were
+        never a target or an input (at most a full softmax's negative). An encoder that scores
+        items from their features (HRNN-meta) gets them, to score them from features alone; for
+        every other model they are left out of every ranking at inference. As inputs they read
+        as a zero item vector (`hidden`)."""
         if cold.shape != self.cold_items.shape:
             raise ValueError(f"set_cold_items: shape {tuple(cold.shape)}, expected "
                              f"{tuple(self.cold_items.shape)} (one per item id incl. row 0)")
@@ -98,6 +100,15 @@ class NextItemModel(nn.Module):
         setter = getattr(self._encoder, "set_cold_items", None)
         if setter is not None:
             setter(cold)
+
+    @property
+    def unreadable_items(self) -> torch.Tensor | None:
+        """(num_items + 1,) bool: the items whose events the evaluation protocols leave out of
+        a history this model reads, as they leave out unknown items: the cold items, unless the
+        encoder reads items by their features too (HRNN-meta). None when there are none."""
+        if not self._any_cold or getattr(self._encoder, "scores_cold_items", False):
+            return None
+        return self.cold_items
 
     @property
     def _encoder(self) -> nn.Module:
@@ -110,19 +121,20 @@ class NextItemModel(nn.Module):
         if getattr(self._encoder, "scores_cold_items", False):
             return self._encoder.scorer(self.tables)
         if self._any_cold and not self.training:
-            return RowViewScorer(self.tables, self._without_cold_items)
+            # In training the full softmax keeps them as negatives; no sampler draws them.
+            return RowViewScorer(self.tables, WithoutItems(self.cold_items))
         return self.tables
-
-    def _without_cold_items(self, items: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A RowView: cold items score -inf, below every item with a trained row. (In training
-        the full softmax keeps them as negatives; the samplers never draw them: count 0.)"""
-        return vectors, bias.masked_fill(self.cold_items[items], float("-inf"))
 
     def hidden(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, T, D); padding steps are zeros whatever the encoder computed there, so a row with
-        no real step (every event on an unknown item) scores the item biases alone at any width."""
-        hidden = self.encoder(batch, self.tables.embed(batch.items))
+        no real step (every event on an unknown item) scores the item biases alone at any width.
+        A cold item read as input gets a zero item vector, not its row (which training never
+        read): the event's other inputs (time, type, HRNN-meta's item features) still count.
+        (The protocols leave such events out of a plain model's histories: `unreadable_items`.)"""
+        item_vectors = self.tables.embed(batch.items)
+        if self._any_cold:
+            item_vectors = item_vectors.masked_fill(self.cold_items[batch.items].unsqueeze(-1), 0.0)
+        hidden = self.encoder(batch, item_vectors)
         return hidden.masked_fill((batch.items == 0).unsqueeze(-1), 0.0)
 
     def auxiliary_loss(self, batch: SequenceBatch, hidden: torch.Tensor) -> torch.Tensor | None:

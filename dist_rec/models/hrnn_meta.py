@@ -143,8 +143,14 @@ class HRNNMeta(HRNN):
         same on every rank)."""
         feature_vectors, feature_bias = self.feature_view(items)
         mix = self.mixing(items).to(vectors.dtype)
-        return (torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)),
-                torch.lerp(bias, feature_bias, mix))
+        mixed_bias = torch.lerp(bias, feature_bias, mix)
+        if not self.training:
+            # A cold item without one known feature code has neither view: its score would be a
+            # constant 0 for every user. It is left out of rankings, as plain models leave out
+            # every cold item.
+            blank = self.cold_items[items] & (self.item_features[items] == 0).all(-1)
+            mixed_bias = mixed_bias.masked_fill(blank, float("-inf"))
+        return torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)), mixed_bias
 
     def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items (...) -> (w(f_j) (..., D), b(f_j) (...)).

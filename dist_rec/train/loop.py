@@ -46,7 +46,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
     model = build_model(config.model, prepared.dimensions, config.train.sharding,
                         config.train.seed).to(device)
-    load_item_data(model, prepared)
     sharded = config.train.sharding == "row"
     loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
     # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
@@ -62,6 +61,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # be older than our newest commit (a worker may die between the commit and the report).
     resume_path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
                                                  generator, prepared.vocab_hash, world_size)
+    # After the restore, which loads HRNN-meta's code tables and cold flags as they were saved:
+    # the data's are current (a checkpoint of older code saved no cold items).
+    load_item_data(model, prepared)
     item_counts = prepared.item_counts    # the sampler's; saved with every checkpoint
     if resume_path:
         logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,

@@ -8,16 +8,21 @@ rows for them and leaves them out.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
+import pytest
 import torch
 
+from dist_rec.batch import SequenceBatch
 from dist_rec.config import DataConfig, ModelConfig
 from dist_rec.data.prepare import prepare
 from dist_rec.data.sequences import windows_to_batch
 from dist_rec.evaluation.protocols import ModelRanker, tdm_first_half
-from dist_rec.models import build_model
+from dist_rec.models import Dimensions, build_model
 from dist_rec.train import loop
 from tests.models.toy_training import fit
 
@@ -98,25 +103,125 @@ def test_hrnn_meta_ranks_cold_items_from_their_category_and_hrnn_leaves_them_out
     assert recall(meta) > 0.9
     assert recall(plain) == 0.0      # not one cold item in any top 20
 
+    # Read as inputs (each history reversed in time: the first halves are all cold), cold items
+    # are left out of a plain model's history, exactly as if unknown; HRNN-meta reads them.
+    cold = prepared.cold_items
+    items = histories["items"].to_pylist()
+    reversed_in_time = histories.set_column(
+        2, "timestamps", pa.array([[100 - t for t in row] for row in
+                                   histories["timestamps"].to_pylist()], pa.list_(pa.int64())))
+    as_unknown = reversed_in_time.set_column(1, "items", pa.array(
+        [[-1 if cold[i] else i for i in row] for row in items], pa.list_(pa.int64())))
 
-def test_a_cold_row_never_outranks_a_trained_one_whatever_its_weights():
-    """Plain models: a cold item's row is its initialisation (never a target), so it is left out
-    of the ranking, however high it would score; in training the full softmax keeps it."""
-    from dist_rec.models.base import Dimensions
+    def tdm(model, table) -> dict:
+        return tdm_first_half(ModelRanker(model), table, k=20, num_users=None,
+                              data_config=config, progress=False)
+
+    assert tdm(plain, reversed_in_time) == tdm(plain, as_unknown)
+    assert tdm(meta, reversed_in_time) != tdm(meta, as_unknown)
+
+    # Without the cold flags HRNN-meta scores them by their untrained ID rows (lambda 0).
+    meta.set_cold_items(torch.zeros_like(meta.cold_items))
+    assert recall(meta) < 0.1
+
+
+def write_small_world(directory, catalog: dict) -> DataConfig:
+    """30 users with 12 events each on items 1..5 (category 10 + item), and one event on item 9
+    (category 19): with min_item_count 2, item 9 is too rare to train."""
+    users = np.repeat(np.arange(1, 31), 12)
+    items = (users + np.tile(np.arange(12), 30)) % 5 + 1
+    users, items = np.append(users, 1), np.append(items, 9)
+    pq.write_table(pa.table({"user_id": users, "item_id": items,
+                             "timestamp": np.arange(len(users)), "event_type": ["pv"] * len(users),
+                             "category_id": items + 10}), directory / "events.parquet")
+    pq.write_table(pa.table(catalog), directory / "catalog.parquet")
+    return DataConfig(events_uri=str(directory / "events.parquet"), window_length=8,
+                      min_item_count=2, item_catalog_uri=str(directory / "catalog.parquet"))
+
+
+def test_the_catalogs_values_win_the_events_fill_in_and_rare_items_stay_cold(tmp_path):
+    config = write_small_world(tmp_path, {"item_id": [1, 2, 3, 4, 5, 9, 500],
+                                          "category_id": [12, None, 13, 14, 15, 19, 19]})
+    prepared = prepare(config, str(tmp_path / "prepared"), test_users=0, seed=0)
+    assert prepared.vocabulary().items.raw_ids.tolist() == [1, 2, 3, 4, 5, 9, 500]
+    # Item 9 is listed but has 1 event of the 2 min_item_count asks: cold, and never trained on.
+    assert prepared.item_counts[6:].tolist() == [0, 0] and prepared.cold_items.sum() == 2
+    windows = pq.read_table(prepared.uri + "/windows")
+    assert 6 not in set(pa.compute.list_flatten(windows["items"]).to_pylist())
+    # Codes 1..6 for categories 11, 12, 13, 14, 15, 19 (the training events' values): item 1 takes
+    # the catalog's 12 over its events' 11, item 2 keeps its events' 12 where the catalog has none.
+    assert prepared.item_features[1:, 0].tolist() == [2, 2, 3, 4, 5, 6, 6]
+
+
+def test_a_bad_catalog_is_refused_naming_it(tmp_path):
+    config = write_small_world(tmp_path, {"item_id": [1, 500], "category_id": ["a", "b"]})
+    with pytest.raises(ValueError, match=r"catalog.parquet: column 'category_id' is string"):
+        prepare(config, str(tmp_path / "prepared"), test_users=0, seed=0)
+    config = write_small_world(tmp_path, {"item_id": ["x", None], "category_id": [11, 12]})
+    with pytest.raises(ValueError, match=r"catalog.parquet: the item catalog has no row with a "
+                                         r"valid item_id \(2 quarantined\)"):
+        prepare(config, str(tmp_path / "prepared"), test_users=0, seed=0)
+    inside = dataclasses.replace(config, item_catalog_uri=str(tmp_path / "prepared" / "c.parquet"))
+    with pytest.raises(ValueError, match="the item catalog path .* is inside the output directory"):
+        prepare(inside, str(tmp_path / "prepared"), test_users=0, seed=0)
+
+
+def tiny_model(name: str = "gru4rec", **sizes):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="gru4rec", embedding_dim=8, hidden_dim=8),
-                        Dimensions(num_items=10, num_users=1, num_delta_buckets=4, num_event_types=4))
+    model = build_model(ModelConfig(name=name, embedding_dim=8, hidden_dim=8),
+                        Dimensions(num_items=10, num_users=1, num_delta_buckets=4,
+                                   num_event_types=4, **sizes))
     cold = torch.zeros(11, dtype=torch.bool)
     cold[[3, 7]] = True
     model.set_cold_items(cold)
+    return model.eval()
+
+
+def test_a_cold_row_never_outranks_a_trained_one_whatever_its_weights():
+    """Plain models: a cold item's row was never a target, so it is left out of the ranking,
+    however high it would score, and of the softmax's probabilities; in training the full
+    softmax keeps it."""
+    model = tiny_model()
     with torch.no_grad():
         model.tables.bias.weight[[3, 7]] = 100.0
     hidden = torch.randn(5, 8)
-    model.eval()
     scores, items = model.scorer.topk(hidden, k=10)
     assert set(items[:, :8].flatten().tolist()) == set(range(1, 11)) - {3, 7}
     assert torch.isinf(scores[:, 8:]).all()
     ranks = model.scorer.target_ranks(hidden, torch.full((5,), 3))
     assert (ranks == 9).all()          # behind everything: a miss at any cutoff
+    warm = torch.tensor([1, 2, 4, 5, 6, 8, 9, 10])
+    weight, bias = model.tables.output_weight()
+    expected = torch.log_softmax(hidden.double() @ weight[warm].double().T + bias[warm].double(), 1)
+    torch.testing.assert_close(model.scorer.target_log_likelihoods(hidden, torch.full((5,), 4)),
+                               expected[:, 2])
     model.train()
     assert model.scorer is model.tables
+
+
+def test_a_cold_item_as_input_reads_as_a_zero_vector():
+    """Whatever its (untrained) input row holds, a cold item in a history gives the same hidden
+    state; a warm item's row counts."""
+    model = tiny_model()
+    items = torch.tensor([[1, 3, 2]])
+    ones = torch.ones_like(items)
+    batch = SequenceBatch(items=items, targets=torch.tensor([[3, 2, 5]]), deltas=ones,
+                          session_starts=items == 1, event_types=ones, target_types=ones,
+                          users=torch.tensor([1]))
+    before = model.hidden(batch)
+    with torch.no_grad():
+        model.tables.input.weight[3] = 50.0
+    assert torch.equal(model.hidden(batch), before)
+    with torch.no_grad():
+        model.tables.input.weight[2] = 50.0
+    assert not torch.equal(model.hidden(batch), before)
+
+
+def test_hrnn_meta_leaves_out_a_cold_item_without_a_known_feature():
+    """At lambda = 1 a cold item with no known code would score a constant 0 for every user."""
+    model = tiny_model("hrnn_meta", item_feature_sizes=(2,))
+    codes = torch.tensor([[0], [1], [2], [1], [2], [1], [2], [0], [1], [2], [1]])   # item 7: none
+    model.encoder.set_item_features(codes)
+    scores, items = model.scorer.topk(torch.randn(4, 8), k=10)
+    assert not (items[:, :9] == 7).any() and torch.isinf(scores[:, 9]).all()
+    assert (items == 3).any()          # the cold item with a code ranks
