@@ -6,7 +6,8 @@ through a row view (table.RowView, HRNN-meta's eq. 2 mix; here the identity, so 
 arithmetic differs). Against them: topk without a row view (float32, every other model's path)
 and a bare float32 count of the items at or above the target (what target_ranks did before it
 kept the tie rule for twins). Both sides run in one process, alternating, and the table quotes
-their ratio (a shared machine slows both alike).
+their ratio (a shared machine slows both alike). A third top-k form leaves cold items out
+(`table.WithoutItems`), which keeps float32.
 
     python benchmarks/ranking.py --write-docs     # about 2 minutes on 2 cores
     python benchmarks/ranking.py --quick          # seconds: checks the script
@@ -20,11 +21,12 @@ import torch
 
 from common import (benchmark_parser, command_line, emit, load_average, machine, markdown_table,
                     now_utc, replace_section)
-from dist_rec.embeddings.table import ItemTables
+from dist_rec.embeddings.table import ItemTables, WithoutItems
 
 THREADS = 2
 FULL = {"catalogs": [100_000, 1_000_000], "queries": 256, "dim": 64, "k": 200, "repeats": 5}
 QUICK = {"catalogs": [2_000], "queries": 16, "dim": 8, "k": 20, "repeats": 2}
+COLD_SHARE = 0.1
 
 
 def identity(ids: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor):
@@ -53,29 +55,35 @@ def measure(num_items: int, plan: dict) -> dict:
     tables = ItemTables(num_items, plan["dim"], plan["dim"])
     hidden = torch.randn(plan["queries"], plan["dim"])
     targets = torch.randint(1, num_items + 1, (plan["queries"],))
+    cold = torch.rand(num_items + 1) < COLD_SHARE
+    cold[0] = False
     calls = {
         ("topk", "float32"): lambda: tables.topk(hidden, plan["k"]),
         ("topk", "float64"): lambda: tables.topk(hidden, plan["k"], row_view=identity),
+        ("topk", "cold"): lambda: tables.topk(hidden, plan["k"], row_view=WithoutItems(cold)),
         ("target_ranks", "float32"): lambda: float32_ranks(tables, hidden, targets),
         ("target_ranks", "float64"): lambda: tables.target_ranks(hidden, targets),
     }
     seconds = {key: [] for key in calls}
     for name in ("topk", "target_ranks"):
-        for precision in ("float32", "float64"):       # warm-up
-            calls[name, precision]()
+        forms = [form for call, form in calls if call == name]
+        for form in forms:       # warm-up
+            calls[name, form]()
         for _ in range(plan["repeats"]):
-            for precision in ("float32", "float64"):
+            for form in forms:
                 start = time.perf_counter()
-                calls[name, precision]()
-                seconds[name, precision].append(time.perf_counter() - start)
-    return {f"{name}_{precision}_s": statistics.median(values)
-            for (name, precision), values in seconds.items()}
+                calls[name, form]()
+                seconds[name, form].append(time.perf_counter() - start)
+    return {f"{name}_{form}_s": statistics.median(values)
+            for (name, form), values in seconds.items()}
 
 
 def docs_section(run: dict, results: dict) -> str:
     rows = [[f"{n:,}", name, f"{r[f'{name}_float32_s']:.2f}", f"{r[f'{name}_float64_s']:.2f}",
              f"{r[f'{name}_float64_s'] / r[f'{name}_float32_s']:.2f}x"]
             for n, r in results.items() for name in ("topk", "target_ranks")]
+    cold_rows = [[f"{n:,}", f"{r['topk_float32_s']:.2f}", f"{r['topk_cold_s']:.2f}",
+                  f"{r['topk_cold_s'] / r['topk_float32_s']:.2f}x"] for n, r in results.items()]
     return f"""## Ranking: float64 (exact ties) vs float32
 
 `{run['command']}` on {run['date']}. {run['cpu']}, {run['cores']} cores, torch {run['torch']},
@@ -90,6 +98,12 @@ float32 count of the items at or above the target (`float32_ranks` in the script
 matmul's rounding lets miss such twins.
 
 {markdown_table(["items", "call", "float32 s", "float64 s", "float64 / float32"], rows)}
+
+Cold items left out (`table.WithoutItems`, the view a plain model ranks through when the data
+has cold items; {COLD_SHARE:.0%} of the items flagged at random, in the same alternation): the
+rows stay as stored, so top-k keeps the float32 path and adds a mask per chunk.
+
+{markdown_table(["items", "topk s", "topk without cold items s", "ratio"], cold_rows)}
 """
 
 

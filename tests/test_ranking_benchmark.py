@@ -29,6 +29,7 @@ def test_quick_run_renders_its_section(tmp_path, monkeypatch, capsys):
     text = docs.read_text()
     assert "<!-- ranking:start -->" in text and "| 2,000 | topk |" in text
     assert "| 2,000 | target_ranks |" in text
+    assert "topk_cold_s" in figures[0] and "| items | topk s | topk without cold items s |" in text
 
 
 def test_float32_baseline_ranks_as_target_ranks_without_twins():
