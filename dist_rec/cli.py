@@ -48,8 +48,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--item-catalog": ("data.item_catalog_uri", str, "Parquet of every item, local or s3://: "
                        "item_id and each item attribute column (category_id when the events "
                        "have it, then --item-features), all required. Items without a training "
-                       "event enter the vocabulary as cold items: hrnn_meta ranks them from "
-                       "their attributes alone, other models leave them out"),
+                       "event (or with fewer than min_item_count) enter the vocabulary as cold "
+                       "items: hrnn_meta ranks them from their attributes alone, other models "
+                       "leave them out"),
     "--window-length": ("data.window_length", int, "T: (input, target) pairs per training window"),
     "--session-gap": ("data.session_gap_seconds", int, "seconds of inactivity that start a new "
                       "session (HRNN's session-start input)"),

@@ -40,8 +40,9 @@ class DataConfig:
     user_feature_columns: tuple[str, ...] = ()   # event columns of user attributes (newest per user)
     item_feature_columns: tuple[str, ...] = ()   # event columns of item attributes, beside category_id
     # Parquet of the catalog: item_id and the item attribute columns (category_id when the events
-    # have it, then item_feature_columns). Its items without a training event are cold items:
-    # HRNN-meta scores them from their attributes (lambda = 1), every other model leaves them out.
+    # have it, then item_feature_columns). Its items without a training event (or with fewer than
+    # min_item_count) are cold items: HRNN-meta scores them from their attributes (lambda = 1),
+    # every other model leaves them out.
     item_catalog_uri: str = ""
 
     def __post_init__(self):

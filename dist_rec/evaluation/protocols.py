@@ -82,13 +82,18 @@ class ModelRanker:
         self.model = model
         self.device = next(model.parameters()).device
         self.num_items = model.tables.num_items
-        self.unreadable_items = model.unreadable_items     # left out of the histories it reads
         self.rows_per_call = rows_per_call  # step_ranks: positions ranked per call (score buffer rows)
 
     @property
     def max_length(self) -> int | None:
         """The longest input the encoder reads (learned positions), None = any."""
         return self.model.max_length
+
+    @property
+    def unreadable_items(self) -> torch.Tensor | None:
+        """(N + 1,) bool: items whose events the protocols leave out of the histories this
+        ranker reads (NextItemModel.unreadable_items), or None."""
+        return self.model.unreadable_items
 
     def _last_hidden(self, batch: SequenceBatch) -> torch.Tensor:
         limit = self.max_length
@@ -216,7 +221,7 @@ def _perplexity(log_likelihoods: torch.Tensor | None, name: str = "perplexity") 
     of its rankings (NextItemModel.set_cold_items), to which it gives no probability."""
     if log_likelihoods is None:
         return {}
-    scored = log_likelihoods[torch.isfinite(log_likelihoods)]
+    scored = log_likelihoods[~torch.isneginf(log_likelihoods)]
     return {name: perplexity(scored.mean().item()) if len(scored) else math.nan}
 
 
@@ -232,7 +237,8 @@ def session_last_item(ranker: Ranker, sessions: Sequence[np.ndarray], ks: Sequen
     items seen in the session are NOT excluded, ties count against the target. Sessions carry no
     time: timestamps and `now` are 0, event types 1. Returns hr@k, ndcg@k (1/log2(rank+2)),
     mrr@k for every k, averaged over sessions, and count; and perplexity, exp(-mean log p(target))
-    under the softmax over all items, for a ranker that has one (`target_log_likelihoods`;
+    under the softmax over all items, for a ranker that has one (`target_log_likelihoods`; a
+    target it gives no probability, a plain model's cold item, is left out of the mean;
     `perplexity=False` skips that second pass over the catalog, e.g. for model selection).
     """
     kept = _sessions(sessions)
@@ -264,8 +270,10 @@ def session_every_position(ranker: Ranker, sessions: Sequence[np.ndarray],
     if max_length is None and limit is not None and any(len(s) > limit for s in kept):
         max_length = limit
     step_ranks = getattr(ranker, "step_ranks", None)
-    if step_ranks is None or max_length is not None:
-        # One pass would let late positions see more than max_length items: a row per prefix.
+    if (step_ranks is None or max_length is not None
+            or getattr(ranker, "unreadable_items", None) is not None):
+        # One pass would let late positions see more than max_length items, and its targets are
+        # its inputs: events the ranker cannot read would go as targets too. A row per prefix.
         inputs = Histories.from_items([s[:t] for s in kept for t in range(1, len(s))])
         targets = np.array([x for s in kept for x in s[1:]], np.int64)
         ranks, logs = _session_targets(ranker, inputs, targets, max_length, data_config,
@@ -378,7 +386,8 @@ def user_leave_one_out(ranker: Ranker, histories, ks: Sequence[int] = (10,), tar
     recommender would filter) do not compete. Ties count
     against the target. Returns sampled_, full_ and full_unseen_{hr,ndcg,mrr}@k, averaged over
     users, and count; with (b), full_perplexity, exp(-mean log p(target)) under the softmax over
-    all items, over the targets on known items, for a ranker that has one. Same seed, same users
+    all items it ranks, over the targets on known items it gives a probability (not the cold
+    items a plain model leaves out), for a ranker that has one. Same seed, same users
     and negatives (whatever the batch size).
     `full_ranking=False` skips (b), (c) and the perplexity, passes over the catalog, for a model
     selection that reads the sampled figures only; (a) is unchanged. A target on an unknown item

@@ -104,11 +104,16 @@ class NextItemModel(nn.Module):
     @property
     def unreadable_items(self) -> torch.Tensor | None:
         """(num_items + 1,) bool: the items whose events the evaluation protocols leave out of
-        a history this model reads, as they leave out unknown items: the cold items, unless the
-        encoder reads items by their features too (HRNN-meta). None when there are none."""
-        if not self._any_cold or getattr(self._encoder, "scores_cold_items", False):
+        a history this model reads, as they leave out unknown items: the cold items, or for an
+        encoder that reads items by their features too (HRNN-meta) the cold items without a
+        known feature code. None when there are none."""
+        if not self._any_cold:
             return None
-        return self.cold_items
+        if not getattr(self._encoder, "scores_cold_items", False):
+            return self.cold_items
+        blank = self._encoder.blank_items(torch.arange(len(self.cold_items),
+                                                       device=self.cold_items.device))
+        return blank if bool(blank.any()) else None
 
     @property
     def _encoder(self) -> nn.Module:

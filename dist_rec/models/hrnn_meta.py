@@ -148,9 +148,13 @@ class HRNNMeta(HRNN):
             # A cold item without one known feature code has neither view: its score would be a
             # constant 0 for every user. It is left out of rankings, as plain models leave out
             # every cold item.
-            blank = self.cold_items[items] & (self.item_features[items] == 0).all(-1)
-            mixed_bias = mixed_bias.masked_fill(blank, float("-inf"))
+            mixed_bias = mixed_bias.masked_fill(self.blank_items(items), float("-inf"))
         return torch.lerp(vectors, feature_vectors, mix.unsqueeze(-1)), mixed_bias
+
+    def blank_items(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) -> (...) bool: cold and without one known feature code, so neither view
+        says anything of them; left out of rankings and of the histories the model reads."""
+        return self.cold_items[items] & (self.item_features[items] == 0).all(-1)
 
     def feature_view(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items (...) -> (w(f_j) (..., D), b(f_j) (...)).
@@ -182,7 +186,8 @@ class HRNNMeta(HRNN):
         """hidden (N, D), next items (N,) -> predicted values of the next events (N,)."""
         if self.value_head is None:
             raise ValueError("hrnn_meta: predict_values needs options['value_head'] = True")
-        return self.value_head(torch.cat([hidden, tables.embed(targets)], dim=-1)).squeeze(-1)
+        vectors = tables.embed(targets).masked_fill(self.cold_items[targets].unsqueeze(-1), 0.0)
+        return self.value_head(torch.cat([hidden, vectors], dim=-1)).squeeze(-1)
 
     def auxiliary_loss(self, batch: SequenceBatch, hidden: torch.Tensor, tables: nn.Module) -> torch.Tensor | None:
         """value_loss_weight x mean squared error of the value head over the masked steps."""

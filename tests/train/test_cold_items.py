@@ -9,6 +9,7 @@ rows for them and leaves them out.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,9 @@ from dist_rec.batch import SequenceBatch
 from dist_rec.config import DataConfig, ModelConfig
 from dist_rec.data.prepare import prepare
 from dist_rec.data.sequences import windows_to_batch
-from dist_rec.evaluation.protocols import ModelRanker, tdm_first_half
+from dist_rec.embeddings.table import WithoutItems, needs_precise
+from dist_rec.evaluation.protocols import (ModelRanker, session_every_position, session_last_item,
+                                           tdm_first_half)
 from dist_rec.models import Dimensions, build_model
 from dist_rec.train import loop
 from tests.models.toy_training import fit
@@ -225,3 +228,20 @@ def test_hrnn_meta_leaves_out_a_cold_item_without_a_known_feature():
     scores, items = model.scorer.topk(torch.randn(4, 8), k=10)
     assert not (items[:, :9] == 7).any() and torch.isinf(scores[:, 9]).all()
     assert (items == 3).any()          # the cold item with a code ranks
+
+
+def test_the_session_protocols_count_cold_targets_as_misses_on_either_path():
+    """Every position of a session: the one-pass path would drop the cold events as targets
+    along with the inputs, so a model that leaves cold items out is scored per prefix (its cold
+    inputs left out, its cold targets misses), as with max_length. Perplexity is over the
+    targets it gives a probability."""
+    model = tiny_model()
+    sessions = [np.array([1, 3, 2, 4]), np.array([3, 5, 6]), np.array([2, 7]), np.array([5, 8, 9])]
+    ranker = ModelRanker(model)
+    one_pass = session_every_position(ranker, sessions, ks=[5], progress=False)
+    per_prefix = session_every_position(ranker, sessions, ks=[5], max_length=50, progress=False)
+    assert one_pass == per_prefix and one_pass["count"] == 8
+    last = session_last_item(ranker, sessions, ks=[5], progress=False)   # targets 4, 6, 7, 9
+    warm = session_last_item(ranker, [sessions[i] for i in (0, 1, 3)], ks=[5], progress=False)
+    assert math.isfinite(last["perplexity"]) and last["perplexity"] == warm["perplexity"]
+    assert not needs_precise(WithoutItems(model.cold_items))     # the float32 top-k path
