@@ -210,3 +210,27 @@ def save_figure(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def train_on_random_batches(model, windows: SequenceBatch, counts: np.ndarray, steps: int,
+                            batch: int, negatives: int, seed: int) -> float:
+    """`steps` train_steps of `model` on `batch` windows drawn at random from `windows`: sampled
+    softmax (K = negatives, q from `counts`), Adam (3e-3) on the encoder, row-wise Adagrad (0.1)
+    on the item tables. The draws depend on `seed` alone, so every model of one run sees the same
+    batches. Returns the wall seconds; the model is left in eval mode."""
+    from dist_rec.config import SamplerConfig
+    from dist_rec.embeddings.optim import RowWiseAdagrad
+    from dist_rec.losses import build_loss
+    from dist_rec.train.step import Optimizers, train_step
+
+    loss_fn = build_loss(SamplerConfig(num_negatives=negatives), counts)
+    optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=3e-3),
+                            sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    started = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        rows = torch.as_tensor(rng.integers(0, len(windows.items), batch))
+        train_step(model, windows[rows], loss_fn, optimizers, generator)
+    model.eval()
+    return time.perf_counter() - started

@@ -15,25 +15,22 @@ after the last event" and "1 day after", and does it stay in the last item's cat
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from common import ROOT, command_line, emit, load_average, machine, markdown_table, now_utc, replace_section
+from common import (ROOT, command_line, emit, load_average, machine, markdown_table, now_utc,
+                    replace_section, train_on_random_batches)
 from dist_rec.batch import SequenceBatch
-from dist_rec.config import DataConfig, ModelConfig, SamplerConfig
+from dist_rec.config import DataConfig, ModelConfig
 from dist_rec.data.sequences import build_histories, build_windows, history_batch, windows_to_batch
 from dist_rec.data.synthetic import SyntheticConfig, generate_events
 from dist_rec.data.vocab import Vocabulary
-from dist_rec.embeddings.optim import RowWiseAdagrad
 from dist_rec.evaluation.metrics import hits, ndcg
 from dist_rec.evaluation.protocols import ModelRanker
-from dist_rec.losses import build_loss
 from dist_rec.models import Dimensions, build_model
-from dist_rec.train.step import Optimizers, train_step
 
 DATA = DataConfig(window_length=32)
 # Gap classes of the predicted event, by delta bucket (1 + floor(log2(1 + seconds))).
@@ -68,16 +65,9 @@ def world(args) -> tuple[SequenceBatch, SequenceBatch, pa.Table, Dimensions, np.
 def train(name: str, args, windows: SequenceBatch, dims: Dimensions, counts: np.ndarray):
     torch.manual_seed(args.seed)
     model = build_model(ModelConfig(name=name, embedding_dim=args.hidden, hidden_dim=args.hidden), dims)
-    loss_fn = build_loss(SamplerConfig(num_negatives=args.negatives), counts)
-    optimizers = Optimizers(dense=torch.optim.Adam(model.dense_parameters(), lr=3e-3),
-                            sparse=RowWiseAdagrad(model.sparse_parameters(), lr=0.1))
-    generator, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
-    started = time.perf_counter()
-    model.train()
-    for _ in range(args.steps):           # the same sequence of batches for both models
-        train_step(model, windows[torch.as_tensor(rng.integers(0, len(windows.items), args.batch))],
-                   loss_fn, optimizers, generator)
-    return model.eval(), time.perf_counter() - started
+    seconds = train_on_random_batches(model, windows, counts, args.steps, args.batch, args.negatives,
+                                      args.seed)
+    return model, seconds
 
 
 def scores(model, test: SequenceBatch) -> dict[str, dict[str, float]]:

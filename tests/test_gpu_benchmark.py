@@ -4,18 +4,13 @@ its bound fails the run, and incomplete or partial runs are refused with a clear
 
 On the CPU the checks compare the CPU with itself, so this tests their plumbing; their bounds are
 tested with planted values below, and their figures on a GPU are in docs/benchmarks.md."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))          # the scripts import their siblings (common, ...)
-spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARKS / "gpu.py")
-gpu = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu)
+from tests.benchmark_scripts import load_script
+
+gpu = load_script("gpu")
 
 SECTION = "# Benchmarks\n\n<!-- gpu:start -->\nold\n<!-- gpu:end -->\n\n## kept\n"
 
@@ -50,7 +45,7 @@ def test_render_from_captured_lines_keeps_the_rest_of_the_page(files, quick_line
     captured.write_text("a warning\n" + "".join(json.dumps(r) + "\n" for r in quick_lines))
     assert gpu.main(["--render", str(captured)]) == 0
     text = gpu.DOCS.read_text()
-    assert "## kept" in text and "old" not in text and "**gloo** group" in text
+    assert "## kept" in text and "\nold\n" not in text and "**gloo** group" in text
     assert "| 1,000 |" in text and "| sasrec | 16 |" in text and "| 64 / 8 |" in text
     assert gpu.IMAGE.stat().st_size > 0 and not gpu.RESULTS.exists()
 

@@ -1,19 +1,14 @@
 """benchmarks/ranking.py --quick: both calls, both precisions, and its docs section rendered."""
 import functools
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from dist_rec.embeddings.table import ItemTables
+from tests.benchmark_scripts import load_script
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))          # the scripts import their siblings (common, ...)
-spec = importlib.util.spec_from_file_location("ranking_benchmark", BENCHMARKS / "ranking.py")
-ranking = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ranking)
+ranking = load_script("ranking")
 
 
 def test_quick_run_renders_its_section(tmp_path, monkeypatch, capsys):

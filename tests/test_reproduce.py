@@ -1,7 +1,5 @@
 """benchmarks/reproduce.py plumbing on tiny files: splits, training rows, batches, the protocols'
 counts, MostPop's exact figures, and the docs rendering (mean ± sd, markers kept)."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +9,9 @@ import torch
 from dist_rec.evaluation.histories import Histories
 from dist_rec.evaluation.protocols import session_last_item, user_leave_one_out
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-reproduce = importlib.util.module_from_spec(spec)
-sys.modules["reproduce"] = reproduce   # dataclasses look their module up there
-spec.loader.exec_module(reproduce)
+from tests.benchmark_scripts import load_script
+
+reproduce = load_script("reproduce")
 
 
 def test_split_sessions_is_70_10_20_disjoint_and_seeded():

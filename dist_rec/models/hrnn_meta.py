@@ -21,6 +21,8 @@ per-item and per-user code tables are buffers set from the data (`set_item_featu
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -29,6 +31,8 @@ from dist_rec.config import ModelConfig
 from dist_rec.embeddings.table import RowViewScorer
 from dist_rec.models.base import Dimensions, read_options, register
 from dist_rec.models.hrnn import HRNN
+
+logger = logging.getLogger(__name__)
 
 DEFAULTS = {
     "feature_dim": 16,          # embedding width of one feature field
@@ -104,6 +108,15 @@ class HRNNMeta(HRNN):
             raise ValueError(f"hrnn_meta.set_cold_items: shape {tuple(cold.shape)}, "
                              f"expected {tuple(self.cold_items.shape)}")
         self.cold_items.copy_(cold)
+        if self.scores_cold_items and bool(cold.any()) and self.options["eval_lambda"] == 0:
+            # Training draws one lambda per step for every item, so the two views' scores are
+            # never compared within a softmax: at lambda 0 against 1, cold items can outrank
+            # every warm one (docs/results.md, "Cold items on the synthetic world").
+            logger.warning("hrnn_meta: %d cold items score by their feature view (lambda 1) and "
+                           "warm items by their ID view (eval_lambda 0), two scales training "
+                           "never compared; mixing the views for warm items too (e.g. "
+                           "options.eval_lambda 0.5) ranked far better on the synthetic world",
+                           int(cold.sum()))
 
     # ----- encoder -----
     def inputs(self, batch: SequenceBatch, item_vectors: torch.Tensor) -> list[torch.Tensor]:

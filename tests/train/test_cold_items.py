@@ -220,9 +220,12 @@ def test_a_cold_item_as_input_reads_as_a_zero_vector():
     assert not torch.equal(model.hidden(batch), before)
 
 
-def test_hrnn_meta_leaves_out_a_cold_item_without_a_known_feature():
+def test_hrnn_meta_leaves_out_a_cold_item_without_a_known_feature(caplog):
     """At lambda = 1 a cold item with no known code would score a constant 0 for every user."""
-    model = tiny_model("hrnn_meta", item_feature_sizes=(2,))
+    with caplog.at_level("WARNING", logger="dist_rec.models.hrnn_meta"):
+        model = tiny_model("hrnn_meta", item_feature_sizes=(2,))
+    assert "2 cold items score by their feature view (lambda 1) and warm items by their ID view " \
+           "(eval_lambda 0)" in caplog.text
     codes = torch.tensor([[0], [1], [2], [1], [2], [1], [2], [0], [1], [2], [1]])   # item 7: none
     model.encoder.set_item_features(codes)
     scores, items = model.scorer.topk(torch.randn(4, 8), k=10)
