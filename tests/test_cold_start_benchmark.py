@@ -23,6 +23,6 @@ def test_quick_run_credits_cold_items_to_hrnn_meta_alone(tmp_path, monkeypatch, 
         assert scores[name]["cold_listed"] == 0
     meta = scores["HRNN-meta, warm items at lambda 0.5"]
     assert meta["recall"] > meta["recall_unknown"] and meta["cold_listed"] > 0
-    assert len([name for name in scores if name.startswith("HRNN-meta")]) == 5
+    assert len([name for name in scores if name.startswith("HRNN-meta")]) == 10
     text = (tmp_path / "root" / "docs" / "results.md").read_text()
     assert "<!-- cold_start:start -->" in text and "| HRNN-meta, warm items at lambda 0.5 |" in text

@@ -40,6 +40,10 @@ DEFAULTS = {
     "value_head": False,        # predict batch.target_values; squared error added to the loss
     "value_loss_weight": 1.0,
     "eval_lambda": 0.0,         # lambda of warm items at inference; cold items always use 1
+    # Not in the paper: in training, score this share of the items at lambda 1, as if cold,
+    # beside the others at the step's lambda, so that the feature view is learnt on the scale of
+    # the ID view it is ranked against when cold items meet warm ones (DropoutNet's idea).
+    "cold_dropout": 0.0,
 }
 
 
@@ -108,14 +112,16 @@ class HRNNMeta(HRNN):
             raise ValueError(f"hrnn_meta.set_cold_items: shape {tuple(cold.shape)}, "
                              f"expected {tuple(self.cold_items.shape)}")
         self.cold_items.copy_(cold)
-        if self.scores_cold_items and bool(cold.any()) and self.options["eval_lambda"] == 0:
+        if (self.scores_cold_items and bool(cold.any()) and self.options["eval_lambda"] == 0
+                and not self.options["cold_dropout"]):
             # Training draws one lambda per step for every item, so the two views' scores are
             # never compared within a softmax: at lambda 0 against 1, cold items can outrank
             # every warm one (docs/results.md, "Cold items on the synthetic world").
             logger.warning("hrnn_meta: %d cold items score by their feature view (lambda 1) and "
                            "warm items by their ID view (eval_lambda 0), two scales training "
                            "never compared; mixing the views for warm items too (e.g. "
-                           "options.eval_lambda 0.5) ranked far better on the synthetic world",
+                           "options.eval_lambda 0.5) or training with options.cold_dropout "
+                           "ranked far better on the synthetic world",
                            int(cold.sum()))
 
     # ----- encoder -----
@@ -187,10 +193,14 @@ class HRNNMeta(HRNN):
         return rows[..., :-1], rows[..., -1]
 
     def mixing(self, items: torch.Tensor) -> torch.Tensor:
-        """lambda for scoring `items` (...): the step's draw in training, else 1 for cold items
-        and eval_lambda for the rest."""
+        """lambda for scoring `items` (...): the step's draw in training (1 for a `cold_dropout`
+        share of them), else 1 for cold items and eval_lambda for the rest."""
         if self.training:
-            return self.train_lambda.expand(items.shape)
+            mixing = self.train_lambda.expand(items.shape)
+            if self.options["cold_dropout"]:
+                as_cold = torch.rand(items.shape, device=items.device) < self.options["cold_dropout"]
+                mixing = torch.where(as_cold, torch.ones_like(mixing), mixing)
+            return mixing
         warm = torch.full(items.shape, float(self.options["eval_lambda"]), device=items.device)
         return torch.where(self.cold_items[items], torch.ones_like(warm), warm)
 

@@ -132,6 +132,29 @@ def test_decoder_mixes_id_and_feature_scores_by_lambda():
     assert ranks.item() == int((scores >= scores[16]).sum()) - 1      # others at or above item 17
 
 
+def test_cold_dropout_scores_a_share_of_the_items_by_their_features_alone_in_training():
+    """cold_dropout 0.3: each scored item is, with probability 0.3, at lambda 1 (its feature
+    view alone), the others at the step's lambda; at inference it changes nothing."""
+    model = build({"cold_dropout": 0.3})
+    encoder, scorer = model.encoder, model.scorer
+    items = torch.randint(1, DIMS.num_items + 1, (4000,), generator=torch.Generator().manual_seed(1))
+    id_vectors, id_bias = model.tables.output_rows(items)
+    feature_vectors, feature_bias = encoder.feature_view(items)
+    model.train()
+    model.hidden(random_batch(2, 3))                     # draws this step's lambda
+    lam = encoder.train_lambda
+    vectors, bias = scorer.output_rows(items)
+    as_cold = torch.isclose(bias, feature_bias, atol=1e-6) & torch.isclose(
+        vectors, feature_vectors, atol=1e-6).all(-1)
+    at_step = torch.isclose(bias, torch.lerp(id_bias, feature_bias, lam), atol=1e-6)
+    assert bool((as_cold | at_step).all())
+    # Binomial(4000, 0.3): sd 29 around 1200.
+    assert abs(int(as_cold.sum()) - 1200) < 4 * 29
+    model.eval()
+    vectors, bias = scorer.output_rows(items)
+    assert torch.equal(bias, id_bias)                   # eval_lambda 0, no cold items
+
+
 def test_feature_rows_do_not_depend_on_the_items_computed_with_them():
     """An item's w(f_j), b(f_j) are bit-identical whichever items they are computed with (a matmul
     over only the asked rows rounds by their count on AVX-512 MKL), so cold twins (same codes,
