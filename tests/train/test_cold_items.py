@@ -23,8 +23,8 @@ from dist_rec.config import DataConfig, ModelConfig
 from dist_rec.data.prepare import prepare
 from dist_rec.data.sequences import windows_to_batch
 from dist_rec.embeddings.table import WithoutItems, needs_precise
-from dist_rec.evaluation.protocols import (ModelRanker, session_every_position, session_last_item,
-                                           tdm_first_half)
+from dist_rec.evaluation.protocols import (ModelRanker, _perplexity, session_every_position,
+                                           session_last_item, tdm_first_half)
 from dist_rec.models import Dimensions, build_model
 from dist_rec.train import loop
 from tests.models.toy_training import fit
@@ -248,3 +248,32 @@ def test_the_session_protocols_count_cold_targets_as_misses_on_either_path():
     warm = session_last_item(ranker, [sessions[i] for i in (0, 1, 3)], ks=[5], progress=False)
     assert math.isfinite(last["perplexity"]) and last["perplexity"] == warm["perplexity"]
     assert not needs_precise(WithoutItems(model.cold_items))     # the float32 top-k path
+
+
+def test_the_small_guards_around_cold_items():
+    """The ranker reads the model's flags when asked, not when built; a NaN log-likelihood still
+    makes perplexity NaN (only -inf, a left-out cold target, is skipped); HRNN-meta's value head
+    reads a cold target as a zero vector, whatever its untrained row holds."""
+    model = tiny_model()
+    ranker = ModelRanker(model)
+    model.set_cold_items(torch.zeros_like(model.cold_items))
+    assert ranker.unreadable_items is None
+    model.set_cold_items(torch.arange(11) == 5)
+    assert ranker.unreadable_items.nonzero().flatten().tolist() == [5]
+
+    assert _perplexity(torch.tensor([-1.0, -math.inf]))["perplexity"] == pytest.approx(math.e)
+    assert math.isnan(_perplexity(torch.tensor([-1.0, math.nan]))["perplexity"])
+
+    torch.manual_seed(0)
+    meta = build_model(ModelConfig(name="hrnn_meta", embedding_dim=8, hidden_dim=8,
+                                   options={"value_head": True}),
+                       Dimensions(num_items=10, num_users=1, num_delta_buckets=4,
+                                  num_event_types=4, item_feature_sizes=(2,)))
+    meta.encoder.set_item_features(torch.arange(11).unsqueeze(1) % 2 + 1)
+    meta.set_cold_items(torch.arange(11) == 3)
+    hidden, targets = torch.randn(2, 8), torch.tensor([3, 4])
+    before = meta.predict_values(hidden, targets)
+    with torch.no_grad():
+        meta.tables.input.weight[[3, 4]] = 50.0
+    after = meta.predict_values(hidden, targets)
+    assert after[0] == before[0] and after[1] != before[1]
