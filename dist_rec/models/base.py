@@ -137,7 +137,7 @@ class NextItemModel(nn.Module):
         read): the event's other inputs (time, type, HRNN-meta's item features) still count.
         (The protocols leave such events out of a plain model's histories: `unreadable_items`.)"""
         item_vectors = self.tables.embed(batch.items)
-        if self._any_cold:
+        if self._any_cold and not self.training:    # training windows hold no cold item
             item_vectors = item_vectors.masked_fill(self.cold_items[batch.items].unsqueeze(-1), 0.0)
         hidden = self.encoder(batch, item_vectors)
         return hidden.masked_fill((batch.items == 0).unsqueeze(-1), 0.0)
