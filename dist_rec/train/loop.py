@@ -7,10 +7,12 @@ share per rank with replicated tables; all of them, collectively, with sharded o
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -43,34 +45,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     prepared = PreparedData.load(loop_config["prepared_uri"], config.storage.storage_options())
 
-    torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
-    model = build_model(config.model, prepared.dimensions, config.train.sharding,
-                        config.train.seed).to(device)
+    parts = build_parts(config, prepared, device, world_size)
+    model, loss_fn, optimizers = parts.model, parts.loss_fn, parts.optimizers
+    resume_path, position = parts.resume_path, parts.position
     sharded = config.train.sharding == "row"
-    loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
-    # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
-    type_codes = torch.arange(len(config.data.event_types) + 1, device=device)
-    weights = event_weights(type_codes, config.data.event_types, config.sampler.event_weights)
-    optimizers = Optimizers(
-        dense=torch.optim.Adam(model.dense_parameters(), lr=config.train.dense_lr),
-        sparse=RowWiseAdagrad(model.sparse_parameters(), lr=config.train.sparse_lr))
-    # Same seed on every rank: the shared negatives of a step are the same everywhere.
-    generator = torch.Generator(device=device).manual_seed(config.train.seed)
-
-    # Not ray.train.get_checkpoint(): on a retry it is the last checkpoint *reported*, which can
-    # be older than our newest commit (a worker may die between the commit and the report).
-    resume_path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
-                                                 generator, prepared.vocab_hash, world_size)
-    # After the restore, which loads HRNN-meta's code tables and cold flags as they were saved:
-    # the data's are current (a checkpoint of older code saved no cold items).
-    load_item_data(model, prepared)
-    item_counts = prepared.item_counts    # the sampler's; saved with every checkpoint
     if resume_path:
         logger.info("rank %d resumed from %s at epoch %d step %d", rank, resume_path,
                     position["epoch"], position["step"])
-        if position["item_counts"] is not None:
-            item_counts = position["item_counts"].numpy()
-            loss_fn.update_counts(item_counts)
     if rank == 0:   # what is newer than the resumed step is unusable, and would block its replay
         checkpoint.discard_newer(config.storage, config.run_name, position["step"])
     _barrier()
@@ -90,9 +71,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if _reached(config, step):
                 break
             batch = batch.to(device, non_blocking=True)
-            loss_sum += train_step(model, batch, loss_fn, optimizers, generator, weights,
-                                   replicated_tables=world_size > 1 and not sharded,
-                                   bf16=config.train.bf16)
+            loss_sum += train_step(model, batch, loss_fn, optimizers, parts.generator,
+                                   parts.event_weights, bf16=config.train.bf16,
+                                   replicated_tables=world_size > 1 and not sharded)
             events += batch.num_events
             batches += 1
             step += 1
@@ -103,9 +84,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(batches, 1),
                    "events_per_second": events * world_size / seconds, "train_seconds": seconds,
                    **_evaluate(model, prepared, config, rank, world_size, sharded)}
-        path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers, generator,
-                          rank, world_size, prepared.vocab_hash, _barrier, item_counts,
-                          prepared.dimensions)
+        path = state.save(config, step, epoch + 1, encoder, model.tables, optimizers,
+                          parts.generator, rank, world_size, prepared.vocab_hash, _barrier,
+                          parts.item_counts, prepared.dimensions)
         _report({**metrics, "checkpoint": path}, config)
         reported = True
     if not reported and resume_path:
@@ -114,6 +95,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # checkpoint's evaluation, or the job would end without its result.
         _report({"epoch": position["epoch"], "step": step, "checkpoint": resume_path,
                  **_evaluate(model, prepared, config, rank, world_size, sharded)}, config)
+
+
+@dataclasses.dataclass
+class WorkerParts:
+    """What a rank trains with, restored from the run's newest checkpoint if it has one."""
+    model: NextItemModel
+    loss_fn: torch.nn.Module
+    optimizers: Optimizers
+    generator: torch.Generator            # the shared negatives' draws: the same on every rank
+    event_weights: torch.Tensor           # (num_event_types + 1,) reward per target type code
+    item_counts: np.ndarray               # (num_items + 1,) the sampler's counts
+    resume_path: str | None               # the checkpoint restored, None for a fresh start
+    position: dict                        # its step and epoch (0 and 0 for a fresh start)
+
+
+def build_parts(config: JobConfig, prepared: PreparedData, device: torch.device,
+                world_size: int) -> WorkerParts:
+    """Build the model, loss and optimizers, restore the newest intact checkpoint (a collective
+    when world_size > 1), then load what the data says of the items (`load_item_data`)."""
+    torch.manual_seed(config.train.seed)      # identical encoder (and replicated tables) everywhere
+    model = build_model(config.model, prepared.dimensions, config.train.sharding,
+                        config.train.seed).to(device)
+    loss_fn = build_loss(config.sampler, prepared.item_counts).to(device)
+    # Reward per target type code (HRNN sec. 3.3), looked up per event in train_step.
+    type_codes = torch.arange(len(config.data.event_types) + 1, device=device)
+    weights = event_weights(type_codes, config.data.event_types, config.sampler.event_weights)
+    optimizers = Optimizers(
+        dense=torch.optim.Adam(model.dense_parameters(), lr=config.train.dense_lr),
+        sparse=RowWiseAdagrad(model.sparse_parameters(), lr=config.train.sparse_lr))
+    # Same seed on every rank: the shared negatives of a step are the same everywhere.
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
+
+    # Not ray.train.get_checkpoint(): on a retry it is the last checkpoint *reported*, which can
+    # be older than our newest commit (a worker may die between the commit and the report).
+    resume_path, position = state.restore_newest(config, model.encoder, model.tables, optimizers,
+                                                 generator, prepared.vocab_hash, world_size)
+    # After the restore, which loads HRNN-meta's code tables and cold flags as they were saved:
+    # the data's are current (a checkpoint of older code saved none, and data prepared again under
+    # the same vocabulary may have given a cold item its first events).
+    load_item_data(model, prepared)
+    item_counts = prepared.item_counts
+    if resume_path and position["item_counts"] is not None:
+        item_counts = position["item_counts"].numpy()
+        loss_fn.update_counts(item_counts)
+    return WorkerParts(model, loss_fn, optimizers, generator, weights, item_counts, resume_path,
+                       position)
 
 
 def _report(metrics: dict, config: JobConfig) -> None:

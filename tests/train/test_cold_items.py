@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from dist_rec.batch import SequenceBatch
-from dist_rec.config import DataConfig, ModelConfig
+from dist_rec.config import DataConfig, JobConfig, ModelConfig, StorageConfig
 from dist_rec.data.prepare import prepare
 from dist_rec.data.sequences import windows_to_batch
 from dist_rec.embeddings.table import WithoutItems, needs_precise
 from dist_rec.evaluation.protocols import (ModelRanker, _perplexity, session_every_position,
                                            session_last_item, tdm_first_half)
 from dist_rec.models import Dimensions, build_model
-from dist_rec.train import loop
+from dist_rec.train import loop, state
 from tests.models.toy_training import fit
 
 CATEGORIES, WARM, COLD = 6, 12, 4            # items per category: raw id 100 c + j
@@ -277,3 +277,31 @@ def test_the_small_guards_around_cold_items():
         meta.tables.input.weight[[3, 4]] = 50.0
     after = meta.predict_values(hidden, targets)
     assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_a_resumed_worker_takes_the_items_as_the_data_has_them_not_as_its_checkpoint_saved_them(
+        tmp_path):
+    """HRNN-meta's checkpoint holds its code tables and cold flags; a resume must end with the
+    data's, which may be newer (an item's first events, a catalog's new attribute)."""
+    data_config, prepared = prepared_world(tmp_path)
+    job = JobConfig(data=data_config, model=ModelConfig(name="hrnn_meta", embedding_dim=16,
+                                                        hidden_dim=16),
+                    storage=StorageConfig(uri=str(tmp_path / "runs")), run_name="cold")
+    cpu = torch.device("cpu")
+    stale = loop.build_parts(job, prepared, cpu, world_size=1)
+    assert stale.resume_path is None
+    stale.model.encoder.cold_items.zero_()          # as saved by older code, or of older data
+    stale.model.encoder.item_features.zero_()
+    sampler_counts = np.arange(len(prepared.item_counts))
+    path = state.save(job, 3, 1, stale.model.encoder, stale.model.tables, stale.optimizers,
+                      stale.generator, 0, 1, prepared.vocab_hash, lambda: None, sampler_counts,
+                      prepared.dimensions)
+
+    resumed = loop.build_parts(job, prepared, cpu, world_size=1)
+    assert resumed.resume_path == path and resumed.position["step"] == 3
+    assert resumed.item_counts.tolist() == sampler_counts.tolist()     # the checkpoint's sampler
+    cold = torch.as_tensor(prepared.cold_items)
+    assert cold.sum() == CATEGORIES * COLD
+    assert torch.equal(resumed.model.cold_items, cold)
+    assert torch.equal(resumed.model.encoder.cold_items, cold)
+    assert torch.equal(resumed.model.encoder.item_features, torch.as_tensor(prepared.item_features))
