@@ -146,7 +146,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, flags: tuple[str, ...] 
                         help="set any config field, e.g. --set data.session_gap_seconds=3600 "
                         "(value parsed as JSON when it can be)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as JSON and exit")
+                        help="print the resolved config as JSON (local paths as given, so it diffs "
+                        "across machines) and exit")
     parser.add_argument("--smoke-test", action="store_true",
                         help="a tiny configuration of the same path (< 1 minute); "
                         "--smoke-test --print-config shows it")
@@ -261,10 +262,10 @@ def main(argv: list[str] | None = None, train_prog: str | None = None) -> int:
     if args.command == "generate":
         synthetic.run_from_args(args)
         return 0
-    job = pipeline.JobSpec.from_args(args, config_from_args)
     if args.print_config:
-        print(job.config.to_json())
+        print(pipeline.given_config(args, config_from_args).to_json())
         return 0
+    job = pipeline.JobSpec.from_args(args, config_from_args)
     try:
         with _sigterm_exits():
             if args.command == "prepare":

@@ -53,6 +53,28 @@ def test_every_valid_name_is_accepted(capsys):
         assert printed["sampler"]["loss"] == loss and printed["train"]["sharding"] == "row"
 
 
+def test_a_printed_config_keeps_paths_as_given_and_reads_back_to_itself(tmp_path, capsys,
+                                                                         monkeypatch):
+    """--print-config is for diffing and reuse: relative paths stay relative (the job itself makes
+    them absolute for the Ray workers), and --config of the printed JSON prints the same JSON."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--events", "events/", "--storage", "s3://bucket/runs",
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads(printed)
+    assert config["data"]["events_uri"] == "events/"
+    assert config["data"]["work_dir"] == "runs/data"
+    assert config["storage"]["uri"] == "s3://bucket/runs"
+    (tmp_path / "run.json").write_text(printed)
+    assert main(["train", "--config", "run.json", "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    args = build_parser().parse_args(["train", "--config", "run.json"])
+    ran = JobSpec.from_args(args, config_from_args).config
+    assert ran.data.events_uri == str(tmp_path / "events")
+    assert ran.data.work_dir == str(tmp_path / "runs" / "data")
+    assert ran.storage.uri == "s3://bucket/runs"
+
+
 def test_a_typo_through_set_or_config_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="model.name = 'hrn'.*hrnn_meta"):
         main(["train", "--set", "model.name=hrn", "--print-config"])

@@ -52,13 +52,20 @@ class JobSpec:
     @staticmethod
     def from_args(args: argparse.Namespace,
                   config_from_args: Callable[[argparse.Namespace, JobConfig], JobConfig]) -> "JobSpec":
-        base = JobConfig()
-        if args.smoke_test:
-            base = base.replace(**SMOKE_OVERRIDES, run_name="smoke")
-        config = _absolute(config_from_args(args, base))
+        config = _absolute(given_config(args, config_from_args))
         generated = (None if config.data.events_uri else synthetic.SyntheticConfig(
             seed=config.train.seed, **dataclasses.asdict(config.generate)))
         return JobSpec(config, generated, getattr(args, "ray_address", None))   # prepare has none
+
+
+def given_config(args: argparse.Namespace,
+                 config_from_args: Callable[[argparse.Namespace, JobConfig], JobConfig]) -> JobConfig:
+    """The config as the command line gives it, local paths as written (what --print-config
+    prints, to diff and to reuse from another directory or machine); JobSpec makes them absolute."""
+    base = JobConfig()
+    if args.smoke_test:
+        base = base.replace(**SMOKE_OVERRIDES, run_name="smoke")
+    return config_from_args(args, base)
 
 
 def events_uri(job: JobSpec) -> str:
