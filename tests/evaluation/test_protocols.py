@@ -154,7 +154,7 @@ def test_session_every_position_keeps_to_the_models_positions():
     sessions = [np.array([1, 2, 3, 4, 5, 6, 1, 2]), np.array([3, 4])]
     got = session_every_position(ModelRanker(model), sessions, ks=[1, 3], progress=False)
     want = session_every_position(ModelRanker(model), sessions, ks=[1, 3], max_length=5, progress=False)
-    assert got == want and got["count"] == 8
+    assert got == pytest.approx(want, rel=1e-6) and got["count"] == 8   # float sums in another order
 
 
 def histories_for_loo():

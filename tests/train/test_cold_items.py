@@ -243,10 +243,11 @@ def test_the_session_protocols_count_cold_targets_as_misses_on_either_path():
     ranker = ModelRanker(model)
     one_pass = session_every_position(ranker, sessions, ks=[5], progress=False)
     per_prefix = session_every_position(ranker, sessions, ks=[5], max_length=50, progress=False)
-    assert one_pass == per_prefix and one_pass["count"] == 8
+    # approx: the two paths sum in different orders, and float32 sums differ in the last bits.
+    assert one_pass == pytest.approx(per_prefix, rel=1e-6) and one_pass["count"] == 8
     last = session_last_item(ranker, sessions, ks=[5], progress=False)   # targets 4, 6, 7, 9
     warm = session_last_item(ranker, [sessions[i] for i in (0, 1, 3)], ks=[5], progress=False)
-    assert math.isfinite(last["perplexity"]) and last["perplexity"] == warm["perplexity"]
+    assert math.isfinite(last["perplexity"]) and last["perplexity"] == pytest.approx(warm["perplexity"], rel=1e-6)
     assert not needs_precise(WithoutItems(model.cold_items))     # the float32 top-k path
 
 
