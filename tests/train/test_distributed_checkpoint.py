@@ -266,12 +266,14 @@ def test_two_worker_checkpoint_scores_the_same_on_one_and_three_workers(runs):
         exact(three[rank]["encoder"], original[0]["encoder"])
     exact(_global_accumulators(three), _global_accumulators(original))
 
+    # The same tables and encoder, bit for bit (above); the scores only up to float rounding: a
+    # shard's matmul has other columns, and the ranks' GRU another thread count, than one process.
     for got in (one, _concat_scores(three)):
         assert torch.equal(got["top_items"], expected["top_items"])
         assert torch.equal(got["ranks"], expected["ranks"])
-        exact(got["top_scores"], expected["top_scores"])
+        torch.testing.assert_close(got["top_scores"], expected["top_scores"])
     for hidden in (one["hidden"], *(result["scores"]["hidden"] for result in three)):
-        exact(hidden, original[0]["scores"]["hidden"])
+        torch.testing.assert_close(hidden, original[0]["scores"]["hidden"])
     # Not a degenerate comparison: many distinct items and ranks.
     assert expected["top_items"].unique().numel() > 100 and expected["ranks"].unique().numel() > 10
 
