@@ -50,10 +50,12 @@ from dist_rec.train.step import Optimizers, train_step
 
 FULL = {"sizes": [10_000, 100_000, 1_000_000, 4_000_000, 16_000_000], "batches": [256, 2048],
         "gru4rec": large_catalog.GRU4REC, "gru4rec_items": 1_000_000, "steps": 6, "repeats": 3, "matmul": 8192,
+        "dense_repeat_s": 2.0,
         "lengths": [50, 200, 400, 600, 900], "sequence": {"batch": 128, "num_items": 10_000, "negatives": 100,
                                                           "repeats": 3}}
 QUICK = {"sizes": [1_000, 10_000], "batches": [32], "gru4rec_items": 10_000,
          "gru4rec": [(64, 8, None), (64, 16, None)], "steps": 2, "repeats": 2,   # no official figure
+         "dense_repeat_s": 0.05,   # the plumbing only
          "matmul": 512, "lengths": [8, 16], "sequence": {"batch": 8, "num_items": 1_000, "negatives": 16,
                                                           "repeats": 1}}
 PARTS = ("checks", "catalog", "gru4rec", "lengths")
@@ -202,7 +204,8 @@ def catalog_timings(device: str, plan: dict, gflops: dict) -> list[dict]:
                         estimate = batch * large_catalog.WINDOW * large_catalog.flops_per_event(
                             large_catalog.hrnn_input_dim(), base["hidden"], num_items, base["hidden"]) / (
                             gflops["fp32"] * 1e9)
-                        steps = large_catalog.dense_plan(estimate, plan["repeats"])
+                        steps = large_catalog.dense_plan(estimate, plan["repeats"],
+                                                         plan["dense_repeat_s"])
                     config = {**base, "loss": loss, "bf16": bf16, "dense_block_bytes": DENSE_BLOCK_BYTES, **steps}
                     records.append(emit("train", loss=loss, batch=batch, bf16=bf16, num_items=num_items,
                                         timed_steps=steps["repeats"] * steps["steps"],

@@ -176,11 +176,12 @@ def hrnn_input_dim() -> int:
     return HRNN["embedding"] + defaults.delta_embedding_dim + 1 + defaults.type_embedding_dim
 
 
-def dense_plan(estimate_s: float, repeats: int) -> dict:
+def dense_plan(estimate_s: float, repeats: int, repeat_s: float = 2.0) -> dict:
     """Warm-up calls, repeats and steps per repeat for a dense step estimated at estimate_s:
-    a 4M-item step takes minutes, so large catalogs get fewer timed steps (one at the extreme)."""
+    small catalogs get steps enough for ~repeat_s a repeat; a 4M-item step takes minutes, so
+    large catalogs get fewer timed steps (one at the extreme)."""
     if estimate_s < 2:
-        return {"warmup": 1, "repeats": repeats, "steps": max(1, int(2 / estimate_s))}
+        return {"warmup": 1, "repeats": repeats, "steps": max(1, int(repeat_s / estimate_s))}
     if estimate_s < 30:
         return {"warmup": 1, "repeats": 3, "steps": 1}
     return {"warmup": 0, "repeats": 2 if estimate_s < 120 else 1, "steps": 1}
